@@ -1,0 +1,88 @@
+"""``Encoder``: a Flax module with its variables, preprocessing and provenance.
+
+Shape convention: ``x`` is an NHWC float32 batch ``[B, H, W, 3]`` already normalised with
+``preprocessing`` (RGB in [0, 1], minus ``mean``, divided by ``std``); ``feature_map`` returns the
+module's selected last conv map ``[B, h, w, C]``; descriptors are ``[B, D]`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jretrieval.models import apgem
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _feature_map(module: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
+    return module.apply(variables, x, train=False)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _descriptor(module: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
+    return module.apply(variables, x, train=False)[1]["descriptor"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Encoder:
+    """A frozen encoder.
+
+    Attributes:
+      module: the Flax module (``__call__(x, *, train) -> (map, stages)``).
+      variables: ``{"params": ..., "batch_stats": ..., [+ "pca" for AP-GeM]}`` of ``jax.Array``.
+      architecture: ``{"name": ..., **kwargs}`` that ``jretrieval.models.build`` understands.
+      preprocessing: ``{"mean": [3], "std": [3]}`` applied to RGB in [0, 1].
+      metadata: provenance (source file, SHA-256, checkpoint format...).
+    """
+
+    module: nn.Module
+    variables: dict[str, Any]
+    architecture: dict[str, Any]
+    preprocessing: dict[str, Any]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def feature_map(self, x: ArrayLike) -> jax.Array:
+        """Inference-mode (running BN statistics) map: ``[B, H, W, 3] -> [B, h, w, C]``; jitted."""
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"feature_map: x has shape {x.shape}; expected [B, H, W, 3]")
+        return _feature_map(self.module, self.variables, x)
+
+    def global_descriptor(
+        self, x: ArrayLike, *, pca_power: float | None = None
+    ) -> jax.Array | None:
+        """The model's own descriptor ``[B, D]`` (AP-GeM: GeM + fc + L2), or ``None``.
+
+        Args:
+          x: ``[B, H, W, 3]`` normalised batch.
+          pca_power: if given, also apply the PCA shipped with the checkpoint, dividing by
+            ``explained_variance ** pca_power`` (dirtorch's published numbers: 0.25), then L2.
+        """
+        if not getattr(self.module, "has_descriptor", False):
+            return None
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"global_descriptor: x has shape {x.shape}; expected [B, H, W, 3]")
+        desc = _descriptor(self.module, self.variables, x)
+        if pca_power is None:
+            return desc
+        if "pca" not in self.variables:
+            raise ValueError(
+                "global_descriptor(pca_power=...): this encoder has no 'pca' variables "
+                f"(architecture {self.architecture}); convert the checkpoint with its PCA"
+            )
+        whiten = bool(getattr(self.module, "pca_whiten", True))
+        return apgem.apply_pca(self.variables["pca"], desc, power=pca_power, whiten=whiten)
+
+    def replace(self, **changes: Any) -> Encoder:
+        """A copy with some fields replaced (e.g. recalibrated ``variables``)."""
+        return dataclasses.replace(self, **changes)

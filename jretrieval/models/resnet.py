@@ -1,0 +1,143 @@
+"""Bottleneck ResNet (torchvision v1.5 / SimCLR ``resnet_wider``) in Flax Linen.
+
+Shape convention: images and maps are NHWC float32, ``x`` of shape ``[B, H, W, 3]`` already
+normalised; every stride-2 op maps ``h -> ceil(h / 2)``, so a 724 px input gives a ``[B, 23,
+23, 2048 * width]`` ``layer4`` map.
+
+The numerics follow PyTorch exactly: explicit symmetric padding (never ``'SAME'``, which XLA pads
+asymmetrically for stride 2 on even sizes), the stride on the 3x3 conv of each bottleneck,
+BatchNorm epsilon 1e-5, max-pool padded with -inf. Submodule names mirror the torch keys
+(``conv1``, ``bn1``, ``layer3_5/conv2``, ``layer1_0/downsample_conv``) so that conversion is a
+regex on the key. ``width`` scales the stem and every stage (SimCLR 2x/4x), unlike torchvision's
+``wide_resnet50_2``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+#: blocks per stage for each supported depth.
+STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def batch_norm(train: bool, momentum: float, dtype: Any, name: str) -> nn.BatchNorm:
+    """A BatchNorm with torch's epsilon; batch statistics in train mode, running ones otherwise.
+
+    ``use_fast_variance=False`` computes the variance as ``mean((x - mean)^2)`` like torch, not
+    ``mean(x^2) - mean^2``, which loses digits on large activations.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=momentum,
+        epsilon=1e-5,
+        dtype=dtype,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+    """A bias-free conv with torch's symmetric padding ``kernel // 2``."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 (x4) with BN/ReLU, projection shortcut when ``downsample``.
+
+    Maps ``[B, H, W, Cin]`` to ``[B, ceil(H / stride), ceil(W / stride), 4 * planes]``.
+    """
+
+    planes: int
+    stride: int = 1
+    downsample: bool = False
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        def bn(name: str) -> nn.BatchNorm:
+            return batch_norm(train, self.bn_momentum, self.dtype, name)
+
+        out_features = 4 * self.planes
+        shortcut = x
+        if self.downsample:
+            shortcut = conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
+            shortcut = bn("downsample_bn")(shortcut)
+        y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
+        y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
+        y = bn("bn3")(conv(out_features, 1, 1, self.dtype, "conv3")(y))
+        return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+    """Bottleneck ResNet without its classifier.
+
+    Attributes:
+      depth: 50, 101 or 152 (see ``STAGE_SIZES``).
+      width: width multiplier of the stem and every stage (1, 2, 4 for SimCLR 1x/2x/4x).
+      bn_momentum: Flax meaning (weight of the old running average); ``0.0`` makes a
+        ``train=True, mutable=["batch_stats"]`` apply return the raw batch statistics.
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    depth: int = 50
+    width: int = 1
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    def backbone(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The convolutional trunk; call it from a compact method (``__call__``, subclasses).
+
+        Returns the ``layer4`` map ``[B, h, w, 2048 * width]`` and the dict of stage outputs
+        ``{"stem": [B, H/2, W/2, 64w], "layer1": ..., "layer4": ...}``.
+        """
+        if self.depth not in STAGE_SIZES:
+            raise ValueError(f"ResNet depth={self.depth}; expected one of {sorted(STAGE_SIZES)}")
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"ResNet input x has shape {x.shape}; expected [B, H, W, 3] (NHWC)")
+        x = x.astype(self.dtype)
+        x = conv(64 * self.width, 7, 2, self.dtype, "conv1")(x)
+        x = nn.relu(batch_norm(train, self.bn_momentum, self.dtype, "bn1")(x))
+        stages = {"stem": x}
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (stage, blocks) in enumerate(zip(STAGES, STAGE_SIZES[self.depth], strict=True)):
+            for j in range(blocks):
+                x = Bottleneck(
+                    planes=64 * self.width * 2**i,
+                    stride=2 if (i > 0 and j == 0) else 1,
+                    downsample=j == 0,
+                    bn_momentum=self.bn_momentum,
+                    dtype=self.dtype,
+                    name=f"{stage}_{j}",
+                )(x, train)
+            stages[stage] = x
+        return x, stages
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Maps ``[B, H, W, 3]`` to the ``layer4`` map and the dict of stage outputs."""
+        return self.backbone(x, train)
+
+
+ResNet50 = functools.partial(ResNet, depth=50)
+ResNet101 = functools.partial(ResNet, depth=101)
+SimCLR1x = functools.partial(ResNet, depth=50, width=1)
+SimCLR2x = functools.partial(ResNet, depth=50, width=2)
+SimCLR4x = functools.partial(ResNet, depth=50, width=4)
