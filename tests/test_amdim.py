@@ -10,6 +10,10 @@ mode and in training mode (batch statistics).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +21,11 @@ import pytest
 import torch
 from torch import nn
 
+from jretrieval import models
 from jretrieval.models.amdim import MIN_INPUT_SIZE, AMDIMEncoder, layer_sizes
 from tests import torch_amdim
 from weight_conversion import amdim as convert_amdim
+from weight_conversion.__main__ import main as cli_main
 
 SMALL = {"ndf": 8, "n_rkhs": 64, "n_depth": 2}
 TOL = 1e-4
@@ -65,12 +71,9 @@ def _inputs(size: int, batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, jax
     return torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
-def _flax(arch: dict, variables: dict, x: jax.Array, train: bool):
-    kwargs = {k: v for k, v in arch.items() if k != "name"}
-    module = AMDIMEncoder(**kwargs)
-    if train:
-        return module.apply(variables, x, train=True, mutable=["batch_stats"])
-    return jax.jit(module.apply)(variables, x)
+def _flax_eval(arch: dict, variables: dict, x: jax.Array):
+    """Inference-mode ``(map, stages)`` of the module ``arch`` describes, jitted."""
+    return jax.jit(models.build(arch).apply)(variables, x)
 
 
 def test_small_state_dict_layout_and_layout_table():
@@ -158,7 +161,7 @@ def test_matches_torch_eval_and_train(tmp_path, use_bn, size):
     model.eval()
     with torch.no_grad():
         ref = enc._forward_acts(xt)
-    fmap, stages = _flax(arch, variables, xj, train=False)
+    fmap, stages = _flax_eval(arch, variables, xj)
     np.testing.assert_array_equal(fmap, stages["layer7"])
     for i in range(10):
         assert _rel_err(stages[f"layer{i}"], ref[i]) < TOL, f"layer{i}"
@@ -166,11 +169,10 @@ def test_matches_torch_eval_and_train(tmp_path, use_bn, size):
     model.train()
     with torch.no_grad():
         ref = enc._forward_acts(xt)
-    kwargs = {k: v for k, v in arch.items() if k != "name"}
-    (fmap, stages), updated = AMDIMEncoder(**kwargs, bn_momentum=0.0).apply(
+    (fmap, stages), updated = models.build({**arch, "bn_momentum": 0.0}).apply(
         variables, xj, train=True, mutable=["batch_stats"]
     )
-    for i in (7, 8, 9):
+    for i in range(10):
         assert _rel_err(stages[f"layer{i}"], ref[i]) < TOL, f"train layer{i}"
     # bn_momentum 0 stores the raw batch statistics of the BNs actually applied ...
     stats = updated["batch_stats"]
@@ -205,7 +207,7 @@ def test_fp16_checkpoint_is_upcast(tmp_path):
     xt, xj = _inputs(129, batch=1)
     with torch.no_grad():
         ref = model.encoder.module._forward_acts(xt)
-    _, stages = _flax(arch, variables, xj, train=False)
+    _, stages = _flax_eval(arch, variables, xj)
     for i in (7, 8, 9):
         assert _rel_err(stages[f"layer{i}"], ref[i]) < TOL, f"layer{i}"
 
@@ -260,5 +262,36 @@ def test_convert_refuses_non_checkpoints():
     ckpt["model"]["encoder.module.layer_list.9.bn.running_mean"] = torch.zeros(
         64, dtype=torch.int64
     )
-    with pytest.raises(ValueError, match="layer_list.9.bn.running_mean has dtype torch.int64"):
+    with pytest.raises(ValueError, match=r"layer_list.9.bn.running_mean.*torch.int64"):
         convert_amdim.convert(ckpt)
+
+
+def test_cli_and_load(tmp_path):
+    model = _model(use_bn=True, seed=5)
+    src, out = tmp_path / "amdim_ndf8_rkhs64_rd2.pth", tmp_path / "amdim.h5"
+    torch.save(torch_amdim.checkpoint(model), src)
+    cmd = [sys.executable, "-m", "weight_conversion", "--src", str(src), "--out", str(out)]
+    done = subprocess.run(
+        [*cmd, "--format", "auto"], capture_output=True, text=True, cwd=os.getcwd(), check=False
+    )
+    assert done.returncode == 0, done.stderr
+    encoder = models.load(out)
+    assert encoder.architecture == {"name": "amdim", **SMALL, "use_bn": True, "feature_layer": 7}
+    assert encoder.preprocessing == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert encoder.metadata["format"] == "amdim"
+    assert encoder.metadata["source"] == src.name
+    model.eval()
+    xt, xj = _inputs(160, batch=2, seed=7)
+    with torch.no_grad():
+        ref = model.encoder.module._forward_acts(xt)
+    assert _rel_err(encoder.feature_map(xj), ref[7]) < TOL
+
+
+def test_cli_refuses_a_broken_amdim_file_and_writes_nothing(tmp_path, capsys):
+    ckpt = _small_ckpt()
+    del ckpt["model"]["encoder.module.layer_list.9.bn.running_var"]
+    src, out = tmp_path / "broken.pth", tmp_path / "broken.h5"
+    torch.save(ckpt, src)
+    assert cli_main(["--src", str(src), "--out", str(out), "--format", "auto"]) == 1
+    assert "missing ['encoder.module.layer_list.9.bn.running_var']" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [src]

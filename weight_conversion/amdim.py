@@ -19,13 +19,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import numpy as np
-import torch
 from absl import logging
 
+from jretrieval import models
 from jretrieval.models.amdim import RES_BLOCKS
+from weight_conversion.checkpoint import to_numpy
 
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 #: prefixes of the encoder keys (DataParallel-wrapped as saved by train.py, or unwrapped).
 ENCODER_PREFIXES = ("encoder.module.layer_list.", "encoder.layer_list.")
 #: prefixes of everything else the original Model saves; dropped.
@@ -118,21 +117,6 @@ def architecture_from_hyperparams(hyperparams: Mapping[str, Any]) -> dict[str, A
     return arch
 
 
-def _to_float32(value: Any, key: str) -> np.ndarray:
-    """A float32 NumPy array for a floating tensor (a view when it already is float32)."""
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise ValueError(f"AMDIM checkpoint: {key} has dtype {value.dtype}; expected float")
-        value = value.detach().cpu()
-        if value.dtype != torch.float32:
-            value = value.to(torch.float32)
-        return value.numpy()
-    array = np.asarray(value)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"AMDIM checkpoint: {key} has dtype {array.dtype}; expected float")
-    return array.astype(np.float32, copy=False)
-
-
 def _split_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Encoder tensors keyed ``layer_list.*`` (prefix stripped) and the keys nothing explains."""
     encoder, unexpected = {}, []
@@ -193,13 +177,14 @@ def convert(obj: Mapping[str, Any]) -> tuple[dict, dict, dict]:
         )
     variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for key, entry in expected.items():
-        array = _to_float32(encoder[key], f"encoder.module.{key}")
+        array = to_numpy(encoder[key], key=f"encoder.module.{key}")
         if array.ndim == 4:
             array = array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         node = variables[entry.collection]
         for name in entry.path[:-1]:
             node = node.setdefault(name, {})
         node[entry.path[-1]] = array
+    models.check_variables(arch, variables, where="AMDIM checkpoint")
     logging.info(
         "AMDIM: kept %d encoder tensors of %d keys (ndf=%d, n_rkhs=%d, n_depth=%d, use_bn=%s)",
         len(expected),
@@ -209,4 +194,8 @@ def convert(obj: Mapping[str, Any]) -> tuple[dict, dict, dict]:
         arch["n_depth"],
         arch["use_bn"],
     )
-    return arch, variables, {"mean": list(IMAGENET["mean"]), "std": list(IMAGENET["std"])}
+    return (
+        arch,
+        variables,
+        {"mean": list(models.IMAGENET["mean"]), "std": list(models.IMAGENET["std"])},
+    )
