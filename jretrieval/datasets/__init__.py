@@ -115,15 +115,19 @@ def find_missing(paths: Sequence[str]) -> list[str]:
     return missing
 
 
-def _check_present(name: str, what: str, paths: Sequence[str]) -> None:
+def _check_present(name: str, what: str, paths: Sequence[str], source: str) -> None:
     missing = find_missing(paths)
     if missing:
         shown = "\n  ".join(missing[:MAX_LISTED])
         more = f"\n  ... and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
         raise FileNotFoundError(
-            f"dataset {name!r}: {len(missing)} of the {len(paths)} {what} named by the ground "
-            f"truth are missing:\n  {shown}{more}\n{_download_hint(name)}"
+            f"dataset {name!r}: {len(missing)} of the {len(paths)} {what} named by {source} are "
+            f"missing:\n  {shown}{more}\n{_download_hint(name)}"
         )
+
+
+def _gt_source(path: str) -> str:
+    return f"the ground truth {path}"
 
 
 def _first_dir(candidates: Sequence[str]) -> str | None:
@@ -146,7 +150,7 @@ def _load_revisitop(name: str, root: str, *, crop_queries: bool, check_files: bo
     db = [os.path.join(image_dir, _with_suffix(n, ".jpg")) for n in gt.imlist]
     queries = [os.path.join(image_dir, _with_suffix(n, ".jpg")) for n in gt.qimlist]
     if check_files:
-        _check_present(name, "images", sorted(set(db) | set(queries)))
+        _check_present(name, "images", sorted(set(db) | set(queries)), _gt_source(gnd_path))
     return Dataset(
         name=name,
         root=root,
@@ -185,7 +189,7 @@ def _load_instre(name: str, root: str, *, crop_queries: bool, check_files: bool)
     db = [os.path.join(image_dir, _with_suffix(n, ".jpg")) for n in gt.imlist]
     queries = [os.path.join(image_dir, _with_suffix(n, ".jpg")) for n in gt.qimlist]
     if check_files:
-        _check_present(name, "images", sorted(set(db) | set(queries)))
+        _check_present(name, "images", sorted(set(db) | set(queries)), _gt_source(gnd_path))
     with_box = crop_queries and all(e.get("bbx") is not None for e in gt.gnd)
     return Dataset(
         name=name,
@@ -214,7 +218,7 @@ def _distractor_paths(root: str, *, limit: int | None, check_files: bool) -> lis
         names = names[:limit]
     paths = [os.path.join(image_dir, n) for n in names]
     if check_files:
-        _check_present(name, "distractor images", paths)
+        _check_present(name, "distractor images", paths, list_path)
     return paths
 
 
