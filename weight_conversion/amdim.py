@@ -11,7 +11,8 @@ running statistics to ``batch_stats`` ``mean``/``var``; the ``MaybeBatchNorm2d``
 ``.bn`` disappears from the path. fp16 tensors (apex AMP O2 training) are upcast to float32.
 
 The expected keys and shapes are enumerated from the hyperparameters (:func:`layout`), so a file
-with any missing, unexpected or mis-shaped encoder key is refused with the full list.
+with any missing, unexpected or mis-shaped encoder key is refused with the full list; the result
+is then checked against ``jax.eval_shape`` of the module's init (``models.check_variables``).
 """
 
 from __future__ import annotations
@@ -164,10 +165,11 @@ def convert(obj: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     encoder, unexpected = _split_keys(obj["model"])
     unexpected += [f"encoder.module.{k}" for k in encoder if k not in expected]
     missing = [f"encoder.module.{k}" for k in expected if k not in encoder]
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in encoder.items()}
     misshaped = [
-        f"encoder.module.{k}: {tuple(encoder[k].shape)} (expected {entry.shape})"
+        f"encoder.module.{k}: {shapes[k]} (expected {entry.shape})"
         for k, entry in expected.items()
-        if k in encoder and tuple(encoder[k].shape) != entry.shape
+        if k in shapes and shapes[k] != entry.shape
     ]
     if missing or unexpected or misshaped:
         raise ValueError(
