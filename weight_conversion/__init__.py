@@ -13,7 +13,7 @@ from typing import Any
 from absl import logging
 
 from jretrieval import models
-from weight_conversion import apgem, resnet
+from weight_conversion import amdim, apgem, resnet
 from weight_conversion.checkpoint import load_checkpoint, sha256
 from weight_conversion.detect import detect
 
@@ -24,15 +24,9 @@ FORMATS: dict[str, Converter] = {
     "torchvision": resnet.convert_torchvision,
     "simclr": resnet.convert_simclr,
     "moco": resnet.convert_moco,
+    "amdim": amdim.convert,
     "apgem": apgem.convert,
 }
-try:  # TODO(models): drop the guard once weight_conversion/amdim.py lands.
-    from weight_conversion import amdim
-
-    FORMATS["amdim"] = amdim.convert
-except ModuleNotFoundError as _err:  # pragma: no cover
-    if _err.name != "weight_conversion.amdim":
-        raise
 
 __all__ = ["FORMATS", "convert_file", "detect", "load_checkpoint"]
 

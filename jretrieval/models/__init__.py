@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jretrieval.models import io
+from jretrieval.models.amdim import AMDIMEncoder
 from jretrieval.models.apgem import APGeM
 from jretrieval.models.encoder import IDENTITY, IMAGENET, Encoder
 from jretrieval.models.resnet import ResNet
@@ -39,14 +40,8 @@ __all__ = [
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "resnet": ResNet,
     "apgem": APGeM,
+    "amdim": AMDIMEncoder,
 }
-try:  # TODO(models): drop the guard once jretrieval/models/amdim.py lands.
-    from jretrieval.models.amdim import AMDIMEncoder
-
-    ARCHITECTURES["amdim"] = AMDIMEncoder
-except ModuleNotFoundError as _err:  # pragma: no cover
-    if _err.name != "jretrieval.models.amdim":
-        raise
 
 #: side of the dummy image used to trace ``init`` (AMDIM needs at least 127 px).
 INIT_SIZE = 128
