@@ -1,0 +1,185 @@
+"""Nearest-neighbour search by inner product: blocked top-k and full ranking.
+
+Shape convention: descriptor sets are row-major, ``queries`` ``[Q, D]`` and ``database``
+``[N, D]``; similarities are ``queries @ database.T`` ``[Q, N]``; results are ``[Q, k]``
+(best first). Descriptors are usually L2-normalised, so the inner product is the cosine.
+
+Memory: ``topk`` (and ``rank`` with ``k`` given) walks over the database in blocks of
+``block_size`` rows with a ``lax.scan`` and keeps a running top-k, merged with each block's
+scores; at most ``Q x block_size`` similarities exist at once. The last block is padded and the
+padded rows score ``-inf``. ``rank`` with ``k=None`` returns the full ordering, which is
+``[Q, N]`` by definition, so it materialises the full similarity matrix.
+
+Ties: equal scores are ordered by increasing database index (``lax.top_k`` keeps the lower
+index first, the running merge puts earlier blocks first, and the full ranking uses a stable
+sort), so results are deterministic and match ``np.argsort(-s, kind="stable")``.
+
+Numerics: inputs of any float dtype (bfloat16 included) are cast to float32; the matrix product
+uses ``Precision.HIGHEST`` so GPUs/TPUs give the float32 ranking, not a TF32/bfloat16 one.
+
+Validation: ``topk`` and ``rank`` are thin eager wrappers. Shapes (rank 2, matching ``D``,
+non-empty, ``k <= N``) are checked always, also while tracing; NaN/inf are checked when the
+arrays are concrete (called outside ``jax.jit``). Under an outer ``jit`` the values are tracers
+and only the shape checks run; call ``check_finite`` on the concrete inputs beforehand.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+__all__ = ["check_descriptors", "check_finite", "rank", "topk"]
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def check_descriptors(x: ArrayLike, name: str) -> None:
+    """Raises ``ValueError`` unless ``x`` is a non-empty ``[N, D]`` float array of finite values.
+
+    The finiteness check runs only on concrete arrays (not inside ``jax.jit``).
+    """
+    shape = tuple(jnp.shape(x))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a [N, D] descriptor matrix, got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: got shape {shape}, expected at least one row")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has zero-dimensional descriptors: got shape {shape}")
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float array, got dtype {dtype} with shape {shape}")
+    check_finite(x, name)
+
+
+def check_finite(x: ArrayLike, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` if the concrete array ``x`` holds NaN or inf.
+
+    A no-op for tracers (inside ``jax.jit`` the values are unknown).
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    bad = ~jnp.isfinite(jnp.asarray(x))
+    if bool(jnp.any(bad)):
+        rows = jnp.nonzero(jnp.any(bad.reshape(bad.shape[0], -1), axis=1))[0] if bad.ndim else []
+        first = [int(r) for r in rows[:5]]
+        raise ValueError(
+            f"{name} holds NaN or inf (shape {tuple(jnp.shape(x))}, {int(jnp.sum(bad))} bad "
+            f"values, first bad rows {first}); descriptors must be finite"
+        )
+
+
+def _check_pair(queries: ArrayLike, database: ArrayLike, k: int | None, block_size: int) -> None:
+    check_descriptors(queries, "queries")
+    check_descriptors(database, "database")
+    qs, ds = jnp.shape(queries), jnp.shape(database)
+    if qs[1] != ds[1]:
+        raise ValueError(
+            f"queries and database have different descriptor sizes: queries {tuple(qs)}, "
+            f"database {tuple(ds)} (expected [Q, D] and [N, D] with the same D)"
+        )
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ValueError(f"k must be an int or None, got {k!r}")
+        if not 0 <= k <= ds[0]:
+            raise ValueError(
+                f"k={k} is out of range for a database of shape {tuple(ds)}: expected 0 <= k <= N"
+                f" = {ds[0]}"
+            )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _similarities(queries: jax.Array, database: jax.Array) -> jax.Array:
+    return jnp.matmul(queries, database.T, precision=_HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_size"))
+def _topk_impl(
+    queries: jax.Array, database: jax.Array, k: int, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    q = queries.astype(jnp.float32)
+    db = database.astype(jnp.float32)
+    n, d = db.shape
+    if n <= block_size:  # one block: no scan needed
+        scores, idx = lax.top_k(_similarities(q, db), k)
+        return scores, idx.astype(jnp.int32)
+
+    num_blocks = math.ceil(n / block_size)
+    db = jnp.pad(db, ((0, num_blocks * block_size - n), (0, 0)))
+    blocks = db.reshape(num_blocks, block_size, d)
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    offsets = jnp.arange(block_size, dtype=jnp.int32)
+
+    def merge(carry, block):
+        best_s, best_i = carry
+        blk, start = block
+        idx = start + offsets
+        s = jnp.where(idx[None, :] < n, _similarities(q, blk), -jnp.inf)
+        # Earlier blocks (lower indices) come first so lax.top_k keeps them first on ties.
+        all_s = jnp.concatenate([best_s, s], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
+        new_s, pos = lax.top_k(all_s, k)
+        return (new_s, jnp.take_along_axis(all_i, pos, axis=1)), None
+
+    init = (
+        jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
+        jnp.full((q.shape[0], k), n, jnp.int32),  # placeholders, always displaced (k <= N)
+    )
+    (scores, idx), _ = lax.scan(merge, init, (blocks, starts))
+    return scores, idx
+
+
+@jax.jit
+def _full_rank_impl(queries: jax.Array, database: jax.Array) -> jax.Array:
+    s = _similarities(queries.astype(jnp.float32), database.astype(jnp.float32))
+    # lax.top_k with k = N is a full descending sort, lower index first on ties, and is faster
+    # on CPU than a stable argsort of -s.
+    return lax.top_k(s, s.shape[1])[1].astype(jnp.int32)
+
+
+def topk(
+    queries: ArrayLike, database: ArrayLike, k: int, *, block_size: int = 16384
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` database vectors with the largest inner product with each query.
+
+    Args:
+      queries: ``[Q, D]`` float array.
+      database: ``[N, D]`` float array.
+      k: number of neighbours, ``0 <= k <= N`` (static).
+      block_size: database rows scored at once (static); bounds memory to ``Q x block_size``.
+
+    Returns:
+      ``(scores, indices)``: float32 ``[Q, k]`` inner products in descending order and int32
+      ``[Q, k]`` database indices (ties: lower index first).
+
+    Raises:
+      ValueError: non-2D or empty inputs, different ``D``, ``k`` out of range, or (for concrete
+        arrays) NaN/inf values.
+    """
+    _check_pair(queries, database, k, block_size)
+    return _topk_impl(jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size)
+
+
+def rank(
+    queries: ArrayLike, database: ArrayLike, k: int | None = None, *, block_size: int = 16384
+) -> jax.Array:
+    """Database indices sorted by decreasing inner product with each query.
+
+    Args:
+      queries: ``[Q, D]`` float array.
+      database: ``[N, D]`` float array.
+      k: keep the first ``k`` (blocked top-k, bounded memory); ``None`` ranks all ``N``.
+      block_size: database rows scored at once when ``k`` is given (static).
+
+    Returns:
+      int32 ``[Q, k]`` (or ``[Q, N]``) indices, best first; ties by increasing index.
+    """
+    _check_pair(queries, database, k, block_size)
+    if k is None:
+        return _full_rank_impl(jnp.asarray(queries), jnp.asarray(database))
+    return _topk_impl(jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size)[1]
