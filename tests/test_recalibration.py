@@ -310,3 +310,46 @@ def test_bad_input():
     )
     with pytest.raises(ValueError, match="at least 2"):
         recalibrate_bn(enc, one_pixel, mode="pytorch")
+
+
+def _torch_key(path: tuple) -> str:
+    """Flax ``("layer1_0", "downsample_bn")`` -> torch ``"layer1.0.downsample.1"``."""
+    parts = [p.replace("_", ".") if p.startswith("layer") else p for p in path]
+    return ".".join(parts).replace("downsample_bn", "downsample.1")
+
+
+def test_resnet50_pytorch_mode_equals_torch_train():
+    """The real model (converted from a torchvision-layout torch ResNet-50), small input."""
+    from flax import traverse_util
+
+    from jretrieval.models import build
+    from tests.torch_reference import torch_resnet
+    from weight_conversion.resnet import convert_torchvision
+
+    net = torch_resnet(50, seed=4)
+    arch, variables, pre = convert_torchvision(net.state_dict())
+    encoder = Encoder(build(arch), jax.tree.map(jnp.asarray, variables), arch, pre, {})
+    batches = _batches([(4, 64, 64), (4, 64, 64)], seed=4)  # layer4: 16 values per channel
+    got = recalibrate_bn(encoder, batches, mode="pytorch", momentum=0.1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    net.train()
+    mean, std = np.float32(pre["mean"]), np.float32(pre["std"])
+    with torch.no_grad():
+        for b in batches:
+            x = (b.astype(np.float32) / 255 - mean) / std
+            net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    sd = net.state_dict()
+    flat = traverse_util.flatten_dict(got.variables["batch_stats"])
+    assert len(flat) == 2 * 53
+    for (*path, stat), value in flat.items():
+        name = _torch_key(tuple(path))
+        ref = sd[f"{name}.running_{stat}"].double().numpy()
+        var = sd[f"{name}.running_var"].double().numpy()
+        # Errors measured in units of the layer's scale (std for means, var for variances):
+        # 1e-4, as for a whole float32 network (train-mode BN over few values per channel in
+        # layer4 amplifies the conv implementations' rounding differences).
+        scale = np.sqrt(var) if stat == "mean" else var
+        err = np.max(np.abs(np.asarray(value, np.float64) - ref) / scale)
+        assert err < 1e-4, (name, stat, err)
