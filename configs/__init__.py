@@ -1,0 +1,1 @@
+"""Experiment configs (``ml_collections``); run from the repository root, see ``common.py``."""

@@ -1,0 +1,183 @@
+"""Shared pieces of the experiment configs: the model zoo, the paper's rows and columns, defaults.
+
+Every config file in ``configs/`` defines ``get_config(arg=None) -> ml_collections.ConfigDict``
+built from ``base_config`` below, and is run from the repository root:
+
+    python -m jretrieval.main --config=configs/oxford.py [--config.<field>=<value> ...]
+
+Sections of the config (all read by ``jretrieval.experiment.run``):
+
+- ``models``: tuple of model names (keys of ``model_zoo``) and ensembles (``"a+b"``: the models'
+  R-MAC vectors concatenated, then PCA-whitened together); a comma-separated string also works
+  on the command line (``--config.models=baseline,simclr2x+simclr4x``).
+- ``model_zoo``: per model: ``label`` (row name in the tables), ``file`` (converted encoder,
+  relative to ``checkpoint_dir``; written by ``bin/convert_checkpoints.sh``) or ``architecture``
+  + ``seed`` (random init), ``pooling`` (``None``: ``pooling.name``; ``"model"``: the model's own
+  head, AP-GeM) and ``map_size`` (resize the last map before pooling: AMDIM 40x40 -> 23x23).
+- ``data``: dataset name and root folder (``jretrieval.datasets.load_dataset``).
+- ``bn``: BN recalibration (``mode`` exact | pytorch | none, ``momentum``, ``batch_size``).
+- ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``.
+- ``pooling``: ``name`` (rmac, mac, spoc, gem) and its ``levels`` / ``p``.
+- ``whitening``: ``dim`` (512; ``"none"`` = no PCA, the "True dim." of Table 3; a tuple sweeps),
+  ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors).
+- ``ranking``: ``columns`` (Table 1's, see ``jretrieval.ranking``) and the AQE/DBA neighbours.
+- ``diffusion``: Yang et al. 2019 parameters (``jretrieval.diffusion.rank``).
+- ``eval``: ``metrics`` shown in the table (``None``: all of the dataset's protocol).
+- ``output``: where results go (``<workdir>/results`` by default), top-10 picture.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+#: Table 1's columns, in the paper's order.
+COLUMNS = (
+    "G",
+    "G+AQE",
+    "G+DFS",
+    "G+DBA",
+    "G+AQE+DFS",
+    "G+DBA+AQE",
+    "G+DBA+DFS",
+    "G+DBA+AQE+DFS",
+)
+
+#: single models of Tables 1 and 2, in the paper's row order (AP-GeM is listed last there).
+PAPER_MODELS = ("baseline", "simclr1x", "simclr2x", "simclr4x", "mocov1", "mocov2", "amdim")
+#: the paper's ensembles (Tables 1 and 2): R-MAC concatenated, then PCA-whitened.
+PAPER_ENSEMBLES = (
+    "simclr2x+simclr4x",
+    "simclr2x+amdim",
+    "simclr2x+mocov2",
+    "simclr4x+mocov2",
+    "simclr4x+amdim",
+)
+#: the fine-tuned upper bound (GeM pooling with its own head, Revaud et al. 2019).
+UPPER_BOUND = ("apgem",)
+#: every row of Tables 1 and 2, in the paper's order.
+TABLE1_ROWS = PAPER_MODELS + PAPER_ENSEMBLES + UPPER_BOUND
+
+#: Table 3's PCA dimensions; ``None`` is "True dim." (no PCA, L2 only).
+TABLE3_DIMS = (32, 64, 128, 256, 512, 1024, 2048, None)
+
+#: metrics of Table 2 (revisited protocol).
+TABLE2_METRICS = tuple(f"{s}/{m}" for s in "EMH" for m in ("mAP", "mP@5", "mP@10"))
+
+#: the paper's datasets (keys of ``jretrieval.datasets.DATASETS``).
+DATASETS = ("oxford5k", "paris6k", "roxford5k", "rparis6k", "instre")
+
+
+def _model(label: str, file: str | None, **kw) -> dict:
+    entry = {
+        "label": label,
+        "file": file,
+        "architecture": None,
+        "seed": 0,
+        "pooling": None,
+        "map_size": None,
+    }
+    entry.update(kw)
+    return entry
+
+
+def model_zoo() -> ml_collections.ConfigDict:
+    """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
+    zoo = {
+        "baseline": _model("Baseline", "converted/baseline.h5"),
+        "simclr1x": _model("SimClr1x", "converted/simclr1x.h5"),
+        "simclr2x": _model("SimClr2x", "converted/simclr2x.h5"),
+        "simclr4x": _model("SimClr4x", "converted/simclr4x.h5"),
+        "mocov1": _model("MoCov1", "converted/mocov1.h5"),
+        "mocov2": _model("MoCov2", "converted/mocov2.h5"),
+        # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
+        "amdim": _model("AmDim", "converted/amdim.h5", map_size=(23, 23)),
+        # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
+        "apgem": _model("GeM (AP)", "converted/apgem.h5", pooling="model"),
+        # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
+        "random_resnet50": _model(
+            "ResNet-50 (random weights)",
+            None,
+            architecture={"name": "resnet", "depth": 50, "width": 1},
+            seed=0,
+        ),
+    }
+    return ml_collections.ConfigDict(zoo)
+
+
+def base_config(dataset: str, *, table: str = "table1") -> ml_collections.ConfigDict:
+    """The paper's settings for ``dataset``: 724x724, R-MAC L=3, PCA-whitening 512, Table 1."""
+    config = ml_collections.ConfigDict()
+    config.table = table  # which of the paper's tables the report is shaped like
+    config.workdir = f"runs/{dataset}"  # descriptor stores, BN statistics, results
+    config.checkpoint_dir = "checkpoints"  # model_zoo files are relative to it
+    config.models = TABLE1_ROWS
+    config.model_zoo = model_zoo()
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = dataset
+    config.data.root = "data"
+    config.data.distractors = False  # append the revisitop 1M distractors
+    config.data.max_distractors = config_dict.placeholder(int)
+    config.data.crop_queries = True  # standard protocol: queries cropped to their bbx
+    config.data.check_files = True
+    config.data.build_demo = False  # build the demo dataset under data.root if absent
+    config.data.demo_kwargs = ml_collections.ConfigDict()  # passed to build_demo_dataset
+
+    config.bn = ml_collections.ConfigDict()
+    config.bn.mode = "exact"  # exact | pytorch (the paper: model.train(), momentum 0.1) | none
+    config.bn.momentum = 0.1  # torch meaning, pytorch mode only
+    config.bn.batch_size = 16
+    config.bn.images = "database"  # database | database+queries
+
+    config.extraction = ml_collections.ConfigDict()
+    config.extraction.policy = ml_collections.ConfigDict({"mode": "fixed", "size": 724})
+    config.extraction.batch_size = 8
+    config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
+    config.extraction.num_threads = config_dict.placeholder(int)
+
+    config.pooling = ml_collections.ConfigDict()
+    config.pooling.name = "rmac"
+    config.pooling.levels = 3  # rmac
+    config.pooling.p = 3.0  # gem
+
+    config.whitening = ml_collections.ConfigDict()
+    # int, "none" (no PCA: L2 only, Table 3's "True dim."), or a tuple of them (a sweep).
+    config.whitening.dim = config_dict.placeholder(object)
+    config.whitening.dim = 512
+    config.whitening.learn_on = "database"  # database | database+queries
+
+    config.ranking = ml_collections.ConfigDict()
+    config.ranking.columns = COLUMNS
+    config.ranking.aqe_k = 10  # N
+    config.ranking.dba_k = 20  # N'
+    config.ranking.combined_aqe_k = 1  # N when AQE and DBA are combined (Gordo et al. 2017)
+    config.ranking.combined_dba_k = 20  # N' when combined
+    config.ranking.aqe_alpha = 0.0
+    config.ranking.dba_alpha = 0.0
+    config.ranking.block_size = 16384
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.truncation = 1000
+    config.diffusion.kd = 50
+    config.diffusion.kq = 10
+    config.diffusion.gamma = 3.0
+    config.diffusion.alpha = 0.99
+    config.diffusion.mode = "joint"  # joint (the authors' code) | online (unseen queries)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.metrics = config_dict.placeholder(tuple)  # None: every metric of the protocol
+
+    config.output = ml_collections.ConfigDict()
+    config.output.dir = config_dict.placeholder(str)  # None: <workdir>/results
+    config.output.top10_queries = 0  # top-10 picture for this many queries (0: none)
+    config.output.note = ""  # printed above the tables
+    return config
+
+
+def dataset_arg(arg: str | None, default: str, allowed: tuple[str, ...] = DATASETS) -> str:
+    """The dataset named by a config argument (``--config=configs/table3.py:paris6k``)."""
+    name = default if not arg else arg
+    if name not in allowed:
+        raise ValueError(f"config argument {arg!r}: expected one of {allowed}")
+    return name

@@ -1,0 +1,24 @@
+r"""Table 3: global-search mAP against the PCA-whitening dimension (32..2048) and no PCA.
+
+Command (from the repository root; the dataset is the argument, oxford5k by default):
+
+    python -m jretrieval.main --config=configs/table3.py            # Oxford5k
+    python -m jretrieval.main --config=configs/table3.py:paris6k    # Paris6k
+
+Expected runtime: the extraction of Table 1 (shared: descriptors are cached under
+`runs/<dataset>/`, so after `configs/oxford.py` this takes seconds), otherwise on one GPU about
+1-2 min per ResNet-50 model, on a 2-core CPU about 1 h per model. Writes the table and a plot of
+mAP against the dimension, one line per model. A dimension larger than the whitening can give
+(at most min(#database images - 1, descriptor size) informative components) is an error.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    dataset = common.dataset_arg(arg, "oxford5k")
+    config = common.base_config(dataset, table="table3")
+    config.models = common.PAPER_MODELS
+    config.whitening.dim = common.TABLE3_DIMS
+    config.ranking.columns = ("G",)
+    return config
