@@ -72,14 +72,14 @@ class Encoder:
         x = jnp.asarray(x, jnp.float32)
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"global_descriptor: x has shape {x.shape}; expected [B, H, W, 3]")
-        desc = _descriptor(self.module, self.variables, x)
-        if pca_power is None:
-            return desc
-        if "pca" not in self.variables:
+        if pca_power is not None and "pca" not in self.variables:
             raise ValueError(
                 "global_descriptor(pca_power=...): this encoder has no 'pca' variables "
                 f"(architecture {self.architecture}); convert the checkpoint with its PCA"
             )
+        desc = _descriptor(self.module, self.variables, x)
+        if pca_power is None:
+            return desc
         whiten = bool(getattr(self.module, "pca_whiten", True))
         return apgem.apply_pca(self.variables["pca"], desc, power=pca_power, whiten=whiten)
 
