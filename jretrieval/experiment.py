@@ -1,0 +1,513 @@
+"""The paper's pipeline for one dataset: encoders -> descriptors -> whitening -> ranking -> metrics.
+
+Shape convention: descriptor sets are row-major ``[N, D]`` (database) and ``[Q, D]`` (queries);
+ranks are ``[Q, N]`` database indices, best first; figures are in percent.
+
+``run(config)`` does, for each row of ``config.models`` (a model name, or ``"a+b"`` for an
+ensemble):
+
+1. **Encoder**: the converted file ``<checkpoint_dir>/<model_zoo[m].file>``
+   (``jretrieval.models.load``), or a random init of ``model_zoo[m].architecture`` with
+   ``model_zoo[m].seed`` (the offline demo).
+2. **BN recalibration** (``config.bn.mode`` ``exact`` | ``pytorch`` | ``none``): training-mode
+   passes over the database images (``bn.images``) with ``jretrieval.extract.recalibrate_bn``.
+   The recalibrated encoder is saved under ``<workdir>/bn/`` (one file per model, dataset and
+   settings) and reused by later runs.
+3. **Extraction** of the database and of the queries (cropped to their ``bbx``) with
+   ``jretrieval.extract.extract`` into the resumable HDF5 stores under ``<workdir>/descriptors/``,
+   named by a digest of every setting the numbers depend on (weights included).
+4. **Post-processing**: each member's vectors L2-normalised; an ensemble concatenates its
+   members' (L2-normalised) vectors and L2-normalises the concatenation; then PCA-whitening
+   learned on ``whitening.learn_on`` (``"database"``: the database descriptors, our choice, since
+   the paper does not say; ``"database+queries"``), keeping ``whitening.dim`` components, and
+   L2 (``jretrieval.whitening.apply``). ``dim`` ``"none"`` (or ``None``) skips PCA: L2 only,
+   Table 3's "True dim."; a tuple of dims sweeps them (Table 3).
+5. **Ranking**: every column of ``config.ranking.columns`` (``jretrieval.ranking``).
+6. **Evaluation** with the dataset's protocol (``jretrieval.metrics.evaluate``).
+
+Unreadable images (``extraction.skip_corrupt=True``) are left out and listed in
+``results["skipped"]``: a skipped database image is absent from every ranking (it counts as a
+missed positive, never as a zero vector); a skipped query is left out of the means.
+
+The results are a JSON-serialisable dict::
+
+    {"dataset": "oxford5k", "protocol": "classic", "table": "table1",
+     "models": {row: {column: {metric: value in percent}}},
+     "labels": {row: label}, "columns": [column keys in order], "metrics": [metric keys],
+     "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
+     "settings": config as a dict, "notes": [...], "skipped": {...}, "timings": {...},
+     "examples": {...}}
+
+handed to ``jretrieval.report`` (tables like the paper's, JSON, CSV, plots) and returned.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jretrieval import extract as extract_lib
+from jretrieval import metrics, models, ranking, whitening
+from jretrieval import store as store_lib
+from jretrieval.datasets import DATASETS, Dataset, load_dataset
+from jretrieval.datasets import images as images_lib
+
+__all__ = [
+    "Descriptors",
+    "column_key",
+    "describe",
+    "load_data",
+    "load_encoder",
+    "parse_dims",
+    "parse_models",
+    "postprocess",
+    "recalibrate",
+    "run",
+]
+
+BN_MODES = ("exact", "pytorch", "none")
+LEARN_ON = ("database", "database+queries")
+NO_PCA = "True dim."
+
+
+class Descriptors(NamedTuple):
+    """One model's raw (pooled, not normalised) descriptors of a dataset.
+
+    Attributes:
+      database: float32 ``[N_kept, C]`` rows for ``dataset.db_paths[db_kept]``.
+      queries: float32 ``[Q_kept, C]`` rows for ``dataset.query_paths[q_kept]``.
+      db_kept: int64 ``[N_kept]`` indices of the database images described.
+      q_kept: int64 ``[Q_kept]`` indices of the queries described.
+      info: stores, timings and skipped images.
+    """
+
+    database: np.ndarray
+    queries: np.ndarray
+    db_kept: np.ndarray
+    q_kept: np.ndarray
+    info: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def parse_models(models_field: Sequence[str] | str) -> list[tuple[str, tuple[str, ...]]]:
+    """Rows ``(name, members)`` from ``config.models``; ``"a+b"`` is an ensemble of a and b.
+
+    Entries may be comma-separated strings (``--config.models=baseline,simclr2x+simclr4x``).
+    """
+    if isinstance(models_field, str):
+        models_field = [models_field]
+    rows = []
+    for entry in models_field:
+        for name in str(entry).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            members = tuple(m.strip() for m in name.split("+"))
+            if any(not m for m in members) or len(set(members)) != len(members):
+                raise ValueError(f"config.models entry {name!r}: expected 'model' or 'a+b'")
+            rows.append(("+".join(members), members))
+    if not rows:
+        raise ValueError(f"config.models={models_field!r} names no model")
+    names = [r[0] for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"config.models lists {dup} more than once")
+    return rows
+
+
+def parse_dims(dim: Any) -> tuple[int | None, ...]:
+    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA)."""
+    values = dim if isinstance(dim, (list, tuple)) else [dim]
+    out: list[int | None] = []
+    for v in values:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "true", "")):
+            out.append(None)
+            continue
+        try:
+            d = int(v)
+        except (TypeError, ValueError):
+            d = -1
+        if isinstance(v, bool) or d < 1 or (isinstance(v, float) and v != d):
+            raise ValueError(
+                f"whitening.dim entry {v!r}; expected a positive int or 'none' (no PCA)"
+            )
+        out.append(d)
+    if not out:
+        raise ValueError("whitening.dim is an empty tuple; expected at least one dimension")
+    if len(set(out)) != len(out):
+        raise ValueError(f"whitening.dim={dim!r} repeats a dimension")
+    return tuple(out)
+
+
+def column_key(column: str, dim: int | None, *, sweep: bool, columns: int) -> str:
+    """Name of a result column: the ranking column, the dim of a sweep, or both."""
+    dim_name = NO_PCA if dim is None else str(dim)
+    if not sweep:
+        return column
+    return dim_name if columns == 1 else f"{column} @ {dim_name}"
+
+
+# ----------------------------------------------------------------------------- data, encoders
+
+
+def load_data(config: Any) -> Dataset:
+    """The dataset of ``config.data``; the demo set is built first when asked and absent."""
+    data = config.data
+    kwargs: dict[str, Any] = {}
+    if data.name not in ("folder", "revisitop1m"):
+        kwargs.update(crop_queries=data.crop_queries, check_files=data.check_files)
+    if data.distractors:
+        kwargs.update(distractors=True, max_distractors=data.max_distractors)
+    if data.get("build_demo", False):
+        from jretrieval.datasets import demo
+
+        if data.name != demo.DEMO_NAME:
+            raise ValueError(
+                f"data.build_demo needs data.name={demo.DEMO_NAME!r}; got {data.name!r}"
+            )
+        demo.build_demo_dataset(data.root, **_as_dict(data.get("demo_kwargs", {})))
+    if data.name == "demo" and "demo" not in DATASETS:
+        dataset = _load_demo(data.root, crop_queries=data.crop_queries)
+    else:
+        dataset = load_dataset(data.name, data.root, **kwargs)
+    if not dataset.query_paths or dataset.protocol is None:
+        raise ValueError(
+            f"dataset {data.name!r} has no queries/ground truth; the experiment needs one of "
+            "oxford5k, paris6k, roxford5k, rparis6k, instre (or the demo)"
+        )
+    return dataset
+
+
+def _load_demo(root: str, *, crop_queries: bool) -> Dataset:
+    """The demo set (``<root>/demo``, revisitop layout, classic protocol)."""
+    from jretrieval.datasets import groundtruth
+
+    folder = os.path.join(root, "demo")
+    gt = groundtruth.load_gnd(os.path.join(folder, "gnd_demo.pkl"))
+    jpg = os.path.join(folder, "jpg")
+    boxes = [tuple(float(v) for v in g["bbx"]) for g in gt.gnd] if crop_queries else None
+    return Dataset(
+        name="demo",
+        root=root,
+        db_paths=[os.path.join(jpg, n + ".jpg") for n in gt.imlist],
+        query_paths=[os.path.join(jpg, n + ".jpg") for n in gt.qimlist],
+        query_bbx=boxes,
+        gnd=list(gt.gnd),
+        protocol="classic",
+    )
+
+
+def _zoo_entry(config: Any, name: str) -> dict[str, Any]:
+    zoo = config.model_zoo
+    if name not in zoo:
+        raise ValueError(f"model {name!r} is not in config.model_zoo; known: {sorted(zoo)}")
+    return _as_dict(zoo[name])
+
+
+def load_encoder(config: Any, name: str) -> models.Encoder:
+    """The encoder of ``model_zoo[name]``: its converted file, or a random init."""
+    spec = _zoo_entry(config, name)
+    if spec.get("file"):
+        path = os.path.join(config.checkpoint_dir, spec["file"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"converted encoder for model {name!r} not found at {path!r} "
+                f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
+                "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
+            )
+        return models.load(path)
+    if spec.get("architecture"):
+        logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", name, spec["seed"])
+        return models.init_encoder(_as_dict(spec["architecture"]), seed=int(spec["seed"]))
+    raise ValueError(f"model_zoo[{name!r}] has neither 'file' nor 'architecture': {spec}")
+
+
+def _relative(paths: Sequence[str], root: str) -> list[str]:
+    return [os.path.relpath(p, root) for p in paths]
+
+
+def recalibrate(
+    config: Any, name: str, encoder: models.Encoder, dataset: Dataset
+) -> models.Encoder:
+    """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``."""
+    bn = config.bn
+    if bn.mode not in BN_MODES:
+        raise ValueError(f"bn.mode={bn.mode!r}; expected one of {BN_MODES}")
+    if bn.mode == "none":
+        return encoder
+    if bn.images not in ("database", "database+queries"):
+        raise ValueError(f"bn.images={bn.images!r}; expected 'database' or 'database+queries'")
+    paths = list(dataset.db_paths)
+    boxes: list | None = None
+    if bn.images == "database+queries":
+        paths += dataset.query_paths
+        if dataset.query_bbx is not None:
+            boxes = [None] * len(dataset.db_paths) + list(dataset.query_bbx)
+    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
+    key = {
+        "variables_sha256": extract_lib.variables_digest(encoder.variables),
+        "architecture": encoder.architecture,
+        "ids": store_lib.settings_digest({"ids": _relative(paths, dataset.root), "bbx": boxes}),
+        "mode": bn.mode,
+        "momentum": bn.momentum if bn.mode == "pytorch" else None,
+        "batch_size": bn.batch_size,
+        "policy": policy.to_dict(),
+    }
+    folder = os.path.join(config.workdir, "bn")
+    path = store_lib.store_path(folder, model=name, dataset=dataset.name, settings=key)
+    if os.path.isfile(path):
+        logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
+        return models.load(path)
+    batches = images_lib.iterate_batches(
+        paths,
+        bbx=boxes,
+        policy=policy,
+        batch_size=bn.batch_size,
+        num_threads=config.extraction.num_threads,
+        skip_corrupt=config.extraction.skip_corrupt,
+    )
+    encoder = extract_lib.recalibrate_bn(
+        encoder,
+        batches,
+        mode=bn.mode,
+        momentum=bn.momentum,
+        total=len(paths),
+        desc=f"recalibrate BN {name} on {dataset.name}",
+    )
+    os.makedirs(folder, exist_ok=True)
+    metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
+    models.save(path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata)
+    return encoder.replace(metadata=metadata)
+
+
+def _pooling(config: Any, spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    name = spec.get("pooling") or config.pooling.name
+    kwargs = {"rmac": {"levels": config.pooling.levels}, "gem": {"p": config.pooling.p}}
+    return name, kwargs.get(name, {})
+
+
+def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
+    """Raw descriptors of one model (encoder, BN recalibration, extraction with the store)."""
+    start = time.perf_counter()
+    spec = _zoo_entry(config, name)
+    encoder = load_encoder(config, name)
+    t_load = time.perf_counter()
+    encoder = recalibrate(config, name, encoder, dataset)
+    t_bn = time.perf_counter()
+    pooling, pooling_kwargs = _pooling(config, spec)
+    map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
+    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
+    folder = os.path.join(config.workdir, "descriptors")
+    out, info = {}, {"seconds": {}, "stores": {}, "skipped": []}
+    parts = {
+        "database": (dataset.db_paths, None),
+        "queries": (dataset.query_paths, dataset.query_bbx),
+    }
+    for part, (paths, bbx) in parts.items():
+        ids = _relative(paths, dataset.root)
+        user = {"model": name, "dataset": dataset.name, "part": part, "bn": _as_dict(config.bn)}
+        common = dict(
+            bbx=bbx,
+            policy=policy,
+            pooling=pooling,
+            pooling_kwargs=pooling_kwargs,
+            map_size=map_size,
+            map_method="linear",
+        )
+        full = extract_lib.extraction_settings(encoder, ids, settings=user, **common)
+        store = store_lib.store_path(
+            folder, model=name, dataset=f"{dataset.name}-{part}", settings=full
+        )
+        desc, report = extract_lib.extract(
+            encoder,
+            paths,
+            **common,
+            batch_size=config.extraction.batch_size,
+            store=store,
+            settings=user,
+            skip_corrupt=config.extraction.skip_corrupt,
+            ids=ids,
+            num_threads=config.extraction.num_threads,
+            desc=f"extract {name} {dataset.name} {part}",
+        )
+        out[part] = (desc, np.asarray(report["kept"], np.int64))
+        info["seconds"][part] = report["seconds"]
+        info["stores"][part] = store
+        info["skipped"] += [(part, p, m) for p, m in report["skipped"]]
+    info["seconds"].update(load=t_load - start, bn=t_bn - t_load)
+    logging.info(
+        "model %s: descriptors %s (%.1fs)",
+        name,
+        out["database"][0].shape,
+        time.perf_counter() - start,
+    )
+    return Descriptors(
+        out["database"][0], out["queries"][0], out["database"][1], out["queries"][1], info
+    )
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+def _l2(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def postprocess(
+    database: Any, queries: Any, *, dim: int | None, learn_on: str = "database"
+) -> tuple[jax.Array, jax.Array]:
+    """L2 -> PCA-whitening (``dim`` components, learned on ``learn_on``) -> L2.
+
+    Args:
+      database: ``[N, D]`` descriptors (already L2-normalised per member for ensembles).
+      queries: ``[Q, D]`` descriptors.
+      dim: kept components, or ``None`` for no PCA (L2 only).
+      learn_on: ``"database"`` or ``"database+queries"``.
+
+    Returns:
+      ``(database [N, dim or D], queries [Q, dim or D])``, rows of unit norm.
+    """
+    if learn_on not in LEARN_ON:
+        raise ValueError(f"whitening.learn_on={learn_on!r}; expected one of {LEARN_ON}")
+    db, q = _l2(jnp.asarray(database, jnp.float32)), _l2(jnp.asarray(queries, jnp.float32))
+    if dim is None:
+        return db, q
+    if dim > db.shape[1]:
+        raise ValueError(f"whitening.dim={dim} exceeds the descriptor size {db.shape[1]}")
+    train = db if learn_on == "database" else jnp.concatenate([db, q])
+    pca = whitening.learn_pca(train)
+    return whitening.apply(pca, db, dim=dim), whitening.apply(pca, q, dim=dim)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _row_descriptors(
+    rows: Descriptors | Sequence[Descriptors],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenated, per-member L2-normalised descriptors over the images all members kept."""
+    members = [rows] if isinstance(rows, Descriptors) else list(rows)
+    db_kept = members[0].db_kept
+    q_kept = members[0].q_kept
+    for m in members[1:]:
+        db_kept = np.intersect1d(db_kept, m.db_kept)
+        q_kept = np.intersect1d(q_kept, m.q_kept)
+    db_parts, q_parts = [], []
+    for m in members:
+        db_rows = np.searchsorted(m.db_kept, db_kept)
+        q_rows = np.searchsorted(m.q_kept, q_kept)
+        db_parts.append(np.asarray(_l2(jnp.asarray(m.database[db_rows]))))
+        q_parts.append(np.asarray(_l2(jnp.asarray(m.queries[q_rows]))))
+    return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
+
+
+def run(config: Any) -> dict[str, Any]:
+    """Runs the experiment of ``config`` (see ``configs/common.py``) and reports it.
+
+    Returns:
+      The results dict described in the module docstring (also written by
+      ``jretrieval.report`` under ``config.output.dir`` or ``<workdir>/results``).
+    """
+    start = time.perf_counter()
+    rows = parse_models(config.models)
+    dims = parse_dims(config.whitening.dim)
+    columns = ranking.check_columns(config.ranking.columns)
+    params = ranking.params_from_config(config)
+    if config.whitening.learn_on not in LEARN_ON:
+        raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
+    if config.bn.mode not in BN_MODES:
+        raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
+    for _, members in rows:
+        for m in members:
+            _zoo_entry(config, m)
+    dataset = load_data(config)
+    protocol = dataset.protocol
+    shown = list(config.eval.metrics or metrics.PROTOCOLS[protocol])
+    unknown = [m for m in shown if m not in metrics.PROTOCOLS[protocol]]
+    if unknown:
+        raise ValueError(
+            f"eval.metrics {unknown} are not figures of protocol {protocol!r}: "
+            f"{metrics.PROTOCOLS[protocol]}"
+        )
+    sweep = len(dims) > 1
+    keys = {
+        (c, d): column_key(c, d, sweep=sweep, columns=len(columns)) for d in dims for c in columns
+    }
+    results: dict[str, Any] = {
+        "dataset": dataset.name,
+        "protocol": protocol,
+        "table": config.get("table", "table1"),
+        "models": {},
+        "labels": {},
+        "columns": list(keys.values()),
+        "metrics": shown,
+        "dims": list(dims),
+        "column_dims": {k: d for (_, d), k in keys.items()},
+        "settings": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        "notes": [],
+        "skipped": {},
+        "timings": {},
+        "examples": {},
+        "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
+    }
+    if config.output.get("note"):
+        results["notes"].append(str(config.output.note))
+    cache: dict[str, Descriptors] = {}
+    for row, members in rows:
+        for m in members:
+            if m not in cache:
+                cache[m] = describe(config, m, dataset)
+                results["timings"][m] = cache[m].info["seconds"]
+                if cache[m].info["skipped"]:
+                    results["skipped"][m] = cache[m].info["skipped"]
+                if not _zoo_entry(config, m).get("file"):
+                    results["notes"].append(
+                        f"{m}: randomly initialised weights (seed {_zoo_entry(config, m)['seed']}),"
+                        " not a trained encoder"
+                    )
+        db_raw, q_raw, db_kept, q_kept = _row_descriptors([cache[m] for m in members])
+        gnd = [dataset.gnd[i] for i in q_kept]
+        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
+        table: dict[str, dict[str, float]] = {}
+        t0 = time.perf_counter()
+        for dim in dims:
+            db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=config.whitening.learn_on)
+            ranks = ranking.rank_columns(q, db, params, columns)
+            for col, r in ranks.items():
+                full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
+                table[keys[(col, dim)]] = metrics.evaluate(
+                    full, gnd, protocol, num_database=len(dataset.db_paths)
+                )
+                if (col, dim) == (columns[0], dims[0]):
+                    results["examples"][row] = {
+                        "column": keys[(col, dim)],
+                        "queries": q_kept[: config.output.top10_queries].tolist(),
+                        "ranks": full[: config.output.top10_queries, :10].tolist(),
+                    }
+        results["models"][row] = table
+        results["timings"].setdefault(row, {})
+        results["timings"][row]["ranking"] = time.perf_counter() - t0
+        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
+    results["timings"]["total"] = time.perf_counter() - start
+    _write_report(config, dataset, results)
+    return results
+
+
+def _write_report(config: Any, dataset: Dataset, results: dict[str, Any]) -> None:
+    from jretrieval import report
+
+    out = config.output.dir or os.path.join(config.workdir, "results")
+    report.write(results, out, dataset=dataset, config=config)
