@@ -10,10 +10,11 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
 - ``models``: tuple of model names (keys of ``model_zoo``) and ensembles (``"a+b"``: the models'
   R-MAC vectors concatenated, then PCA-whitened together); a comma-separated string also works
   on the command line (``--config.models=baseline,simclr2x+simclr4x``).
-- ``model_zoo``: per model: ``label`` (row name in the tables), ``file`` (converted encoder,
-  relative to ``checkpoint_dir``; written by ``bin/convert_checkpoints.sh``) or ``architecture``
-  + ``seed`` (random init), ``pooling`` (``None``: ``pooling.name``; ``"model"``: the model's own
-  head, AP-GeM) and ``map_size`` (resize the last map before pooling: AMDIM 40x40 -> 23x23).
+- ``model_zoo``: per model: ``label`` (row name in the tables), ``file`` (converted encoder in
+  ``checkpoint_dir``, default ``converted/``, as ``bin/convert_checkpoints.sh`` writes them)
+  or ``architecture`` + ``seed`` (random init), ``pooling`` (``None``: ``pooling.name``;
+  ``"model"``: the model's own head, AP-GeM) and ``map_size`` (resize the last map before
+  pooling: AMDIM 40x40 -> 23x23).
 - ``data``: dataset name and root folder (``jretrieval.datasets.load_dataset``).
 - ``bn``: BN recalibration (``mode`` exact | pytorch | none, ``momentum``, ``batch_size``).
 - ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``.
@@ -84,16 +85,20 @@ def _model(label: str, file: str | None, **kw) -> dict:
 def model_zoo() -> ml_collections.ConfigDict:
     """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
     zoo = {
-        "baseline": _model("Baseline", "converted/baseline.h5"),
-        "simclr1x": _model("SimClr1x", "converted/simclr1x.h5"),
-        "simclr2x": _model("SimClr2x", "converted/simclr2x.h5"),
-        "simclr4x": _model("SimClr4x", "converted/simclr4x.h5"),
-        "mocov1": _model("MoCov1", "converted/mocov1.h5"),
-        "mocov2": _model("MoCov2", "converted/mocov2.h5"),
+        "baseline": _model("Baseline", "baseline.h5"),
+        "simclr1x": _model("SimClr1x", "simclr1x.h5"),
+        "simclr2x": _model("SimClr2x", "simclr2x.h5"),
+        "simclr4x": _model("SimClr4x", "simclr4x.h5"),
+        "mocov1": _model("MoCov1", "mocov1.h5"),
+        "mocov2": _model("MoCov2", "mocov2.h5"),
         # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
-        "amdim": _model("AmDim", "converted/amdim.h5", map_size=(23, 23)),
+        "amdim": _model("AmDim", "amdim.h5", map_size=(23, 23)),
         # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
-        "apgem": _model("GeM (AP)", "converted/apgem.h5", pooling="model"),
+        "apgem": _model("GeM (AP)", "apgem.h5", pooling="model"),
+        # Beyond the paper (bin/convert_checkpoints.sh converts them too).
+        "resnet101": _model("ResNet-101", "resnet101.h5"),
+        "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5"),
+        "amdim_large": _model("AmDim (large)", "amdim_large.h5", map_size=(23, 23)),
         # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
         "random_resnet50": _model(
             "ResNet-50 (random weights)",
@@ -110,7 +115,8 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config = ml_collections.ConfigDict()
     config.table = table  # which of the paper's tables the report is shaped like
     config.workdir = f"runs/{dataset}"  # descriptor stores, BN statistics, results
-    config.checkpoint_dir = "checkpoints"  # model_zoo files are relative to it
+    # Folder of converted encoders (`bin/convert_checkpoints.sh --out`); model_zoo files are in it.
+    config.checkpoint_dir = "converted"
     config.models = TABLE1_ROWS
     config.model_zoo = model_zoo()
 
