@@ -61,6 +61,7 @@ __all__ = [
     "MODES",
     "extract",
     "extraction_settings",
+    "files_digest",
     "make_step",
     "normalise",
     "padded_batch_size",
@@ -373,10 +374,24 @@ def variables_digest(variables: Any) -> str:
     return h.hexdigest()
 
 
+def files_digest(paths: Sequence[str]) -> str:
+    """SHA-256 over every file's path, size and modification time (``-1`` if missing): a file
+    rewritten in place makes a stored extraction stale, so it is part of the settings."""
+    h = hashlib.sha256()
+    for path in paths:
+        try:
+            st = os.stat(path)
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{path}:-1;".encode())
+    return h.hexdigest()
+
+
 def extraction_settings(
     encoder: Any,
     ids: Sequence[str],
     *,
+    paths: Sequence[str],
     bbx: Sequence[Any] | None,
     policy: images_lib.ResizePolicy,
     pooling: str,
@@ -400,6 +415,7 @@ def extraction_settings(
         "map_method": map_method if map_size is not None else None,
         "n_images": len(ids),
         "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "files_sha256": files_digest(paths),
         "bbx_sha256": store_lib.settings_digest({"bbx": boxes}),
     }
 
@@ -491,6 +507,7 @@ def extract(
         full_settings = extraction_settings(
             encoder,
             ids,
+            paths=paths,
             bbx=bbx,
             policy=policy,
             pooling=pooling,

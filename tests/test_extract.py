@@ -244,6 +244,9 @@ def test_store_reuse_and_never_stale(tmp_path):
         extract(recalibrated, paths, pooling="mac", store=path, settings={"a": 1}, **kw)
     with pytest.raises(store_lib.StoreMismatchError, match="ids_sha256"):
         extract(encoder, paths[::-1], pooling="mac", store=path, settings={"a": 1}, **kw)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(paths[3])  # a file rewritten in place
+    with pytest.raises(store_lib.StoreMismatchError, match="files_sha256"):
+        extract(encoder, paths, pooling="mac", store=path, settings={"a": 1}, **kw)
     a = store_lib.store_path(tmp_path, model="m/x", dataset="d", settings={"p": 1})
     b = store_lib.store_path(tmp_path, model="m/x", dataset="d", settings={"p": 2})
     assert a != b and os.path.dirname(a) == str(tmp_path) and "/x" not in os.path.basename(a)
