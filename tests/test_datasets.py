@@ -169,3 +169,17 @@ def test_folder(tmp_path):
         load_dataset("folder", empty)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_dataset("folder", tmp_path / "nope")
+
+
+def test_demo_dataset_loads_in_the_classic_layout(tmp_path):
+    pytest.importorskip("skimage")  # the demo's photographs ship inside scikit-image
+    from jretrieval.datasets.demo import INSTANCES, build_demo_dataset
+
+    with pytest.raises(FileNotFoundError, match="build_demo_dataset"):
+        load_dataset("demo", tmp_path)
+    names = list(INSTANCES)[:2]
+    build_demo_dataset(tmp_path, instances=names, distractors=[], n_views=2, max_side=64)
+    ds = load_dataset("demo", tmp_path)
+    assert ds.protocol == "classic" and len(ds.query_paths) == 2 and len(ds.query_bbx) == 2
+    assert all(p.startswith(str(tmp_path / "demo" / "jpg")) for p in ds.db_paths)
+    assert all(len(g["ok"]) == 2 for g in ds.gnd)

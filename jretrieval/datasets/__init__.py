@@ -12,6 +12,8 @@ roxford5k      ``<root>/roxford5k/gnd_roxford5k.pkl``, ``<root>/roxford5k/jpg/<i
                (or the images of ``<root>/oxford5k/jpg``: they are the same files)
 rparis6k       ``<root>/rparis6k/gnd_rparis6k.pkl``, ``<root>/rparis6k/jpg/<imname>.jpg``
                (or ``<root>/paris6k/jpg``)
+demo           ``<root>/demo/gnd_demo.pkl``, ``<root>/demo/jpg/<imname>.jpg`` (classic protocol;
+               written by ``jretrieval.datasets.demo.build_demo_dataset``)
 instre         ``<root>/instre/gnd_instre.mat`` (or ``.pkl``), images ``<root>/instre/<imname>``
                (Iscen et al., CVPR 2017: 1250 queries, 27293 database images)
 revisitop1m    ``<root>/revisitop1m/revisitop1m.txt``, ``<root>/revisitop1m/jpg/<name>``
@@ -44,6 +46,7 @@ PROTOCOL: dict[str, str | None] = {
     "roxford5k": "revisited",
     "rparis6k": "revisited",
     "instre": "instre",
+    "demo": "classic",
     "revisitop1m": None,
     "folder": None,
 }
@@ -83,6 +86,8 @@ class Dataset(NamedTuple):
 
 
 def _download_hint(name: str) -> str:
+    if name == "demo":
+        return "build it with `jretrieval.datasets.demo.build_demo_dataset(root)`"
     return f"download it with `bin/download_datasets.sh {name}`"
 
 
@@ -135,7 +140,7 @@ def _first_dir(candidates: Sequence[str]) -> str | None:
 
 
 def _load_revisitop(name: str, root: str, *, crop_queries: bool, check_files: bool) -> Dataset:
-    """oxford5k / paris6k / roxford5k / rparis6k from the cirtorch / revisitop pickles."""
+    """oxford5k / paris6k / roxford5k / rparis6k (and demo) from cirtorch / revisitop pickles."""
     from jretrieval.datasets import groundtruth
 
     base = os.path.join(root, name)
@@ -248,6 +253,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "roxford5k": _load_revisitop,
     "rparis6k": _load_revisitop,
     "instre": _load_instre,
+    "demo": _load_revisitop,
     "revisitop1m": _load_distractors_only,
     "folder": _load_folder,
 }
