@@ -327,7 +327,7 @@ def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
             map_size=map_size,
             map_method="linear",
         )
-        full = extract_lib.extraction_settings(encoder, ids, settings=user, **common)
+        full = extract_lib.extraction_settings(encoder, ids, paths=paths, settings=user, **common)
         store = store_lib.store_path(
             folder, model=name, dataset=f"{dataset.name}-{part}", settings=full
         )
@@ -460,6 +460,7 @@ def run(config: Any) -> dict[str, Any]:
         "notes": [],
         "skipped": {},
         "timings": {},
+        "stores": {},
         "examples": {},
         "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
     }
@@ -471,6 +472,7 @@ def run(config: Any) -> dict[str, Any]:
             if m not in cache:
                 cache[m] = describe(config, m, dataset)
                 results["timings"][m] = cache[m].info["seconds"]
+                results["stores"][m] = cache[m].info["stores"]
                 if cache[m].info["skipped"]:
                     results["skipped"][m] = cache[m].info["skipped"]
                 if not _zoo_entry(config, m).get("file"):
