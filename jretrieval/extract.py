@@ -245,8 +245,10 @@ def recalibrate_bn(
     counts_by_shape: dict[tuple, dict[tuple, int]] = {}
     pending = None
     seen = 0
+    failed: list[tuple[int, str]] = []
     for batch in track(batches, total=total, desc=desc, count=lambda b: len(_as_images(b))):
         imgs = _as_images(batch)
+        failed.extend(getattr(batch, "failed", ()))
         if len(imgs) == 0:
             continue
         if imgs.shape not in counts_by_shape:
@@ -271,6 +273,8 @@ def recalibrate_bn(
             flat[(*path, key)] = jnp.asarray(value, jnp.float32)
     new_stats = traverse_util.unflatten_dict(flat)
     logging.info("recalibrated %d BN layers on %d images (%s)", len(new_layers), seen, mode)
+    if failed:
+        logging.warning("recalibration skipped %d unreadable images: %s", len(failed), failed)
     return _replace_variables(encoder, {**encoder.variables, "batch_stats": new_stats})
 
 
@@ -593,6 +597,7 @@ def extract(
             commit(*inflight)
             inflight = None
     except BaseException:
+        batches.close()  # cancel the decoding queued ahead
         if inflight is not None:  # keep the last finished batch for the resumed run
             try:
                 commit(*inflight)

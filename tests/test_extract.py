@@ -114,6 +114,13 @@ def test_extract_fixed_policy_equals_per_image_reference(tmp_path):
         np.testing.assert_array_equal(report["kept"], np.arange(7))
         assert report["shapes"] == [(4, 16, 16, 3)]  # the last 3 images padded: one compile
         assert report["skipped"] == [] and report["store"] is None
+    # a second extraction with the same shapes compiles nothing new
+    from jretrieval.extract import _describe
+
+    before = _describe._cache_size()
+    extract(encoder, paths[:5], policy=policy, pooling="mac", batch_size=4)  # 4 + 1 -> 4 + 1
+    extract(encoder, paths[:3], policy=policy, pooling="mac", batch_size=4)  # 3 -> padded 4
+    assert _describe._cache_size() == before + 1  # only the padded size 1 was new
 
 
 def test_extract_max_side_with_boxes_and_map_size(tmp_path):
