@@ -357,3 +357,53 @@ class _FakePCA:
         self.mean_ = np.arange(3.0)
         self.whiten = True
         self.n_components_ = np.int64(2)
+
+
+# ---------------------------------------------------------------------------- bin/ scripts
+
+
+def _sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_download_script_help_and_dry_run(tmp_path):
+    run = _sh("bin/download_checkpoints.sh", "-h")
+    assert run.returncode == 0 and "tonylins/simclr-converter" in run.stdout
+    target = tmp_path / "ckpt"
+    run = _sh("bin/download_checkpoints.sh", "--dry-run", "--dir", str(target))
+    assert run.returncode == 0, run.stderr
+    assert (
+        f"would run: curl -fL --retry 3 -C - -o {target}/resnet50-0676ba61.pth.part" in run.stdout
+    )
+    assert "moco_v2_200ep_pretrain.pth.tar" in run.stdout and "Resnet-101-AP-GeM" in run.stdout
+    assert not target.exists()
+    # Idempotent: an existing file is skipped, a corrupt one (checksum prefix) is reported.
+    target.mkdir()
+    (target / "amdim_ndf256_rkhs2048_rd10.pth").write_bytes(b"x")
+    run = _sh("bin/download_checkpoints.sh", "--dry-run", "--dir", str(target), "--only", "amdim")
+    assert run.returncode == 0 and "skip amdim" in run.stdout
+    (target / "moco_v1_200ep_pretrain.pth.tar").write_bytes(b"x")
+    run = _sh("bin/download_checkpoints.sh", "--dir", str(target), "--only", "mocov1")
+    assert run.returncode == 1 and "does not start with b251726a" in run.stderr
+    assert _sh("bin/download_checkpoints.sh", "--only", "nope").returncode == 2
+
+
+def test_convert_script(r50, tmp_path):
+    run = _sh("bin/convert_checkpoints.sh", "-h")
+    assert run.returncode == 0 and "baseline.h5" in run.stdout
+    src, out = tmp_path / "ckpt", tmp_path / "converted"
+    src.mkdir()
+    tr.save_torchvision(r50[0], src / "resnet50-0676ba61.pth")
+    args = ("bin/convert_checkpoints.sh", "--dir", str(src), "--out", str(out))
+    run = _sh(*args, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert (
+        f"would run: python -m weight_conversion --src {src}/resnet50-0676ba61.pth "
+        f"--out {out}/baseline.h5 --format torchvision"
+    ) in run.stdout
+    assert f"missing {src}/resnet50-4x.pth" in run.stdout and not out.exists()
+    run = _sh(*args)
+    assert run.returncode == 0, run.stderr
+    assert models.load(out / "baseline.h5").metadata["format"] == "torchvision"
+    run = _sh(*args)
+    assert run.returncode == 0 and f"up to date: {out}/baseline.h5" in run.stdout
