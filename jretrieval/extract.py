@@ -148,6 +148,12 @@ def _layers(batch_stats: Any) -> dict[tuple, dict[str, np.ndarray]]:
     return layers
 
 
+def _called(pending: tuple) -> tuple[dict, dict[tuple, int]]:
+    """The batch statistics of the BN layers that were applied, with their value counts."""
+    stats, counts = pending
+    return {p: v for p, v in _layers(stats).items() if p in counts}, counts
+
+
 class _Exact:
     """Population mean and biased variance over all inputs (Chan et al.'s pairwise merge)."""
 
@@ -255,24 +261,27 @@ def recalibrate_bn(
             counts_by_shape[imgs.shape] = _bn_counts(stats_module, variables, imgs.shape)
         stats = _raw_batch_stats(stats_module, variables, imgs, mean, std)  # async dispatch
         if pending is not None:  # fetch the previous batch while this one runs
-            acc.update(_layers(pending[0]), pending[1])
+            acc.update(*_called(pending))
         pending = (stats, counts_by_shape[imgs.shape])
         seen += len(imgs)
     if pending is None:
         raise ValueError("recalibrate_bn: batches held no images")
-    acc.update(_layers(pending[0]), pending[1])
-    new_layers = acc.result()
-    if set(new_layers) != set(old_layers):
+    acc.update(*_called(pending))
+    called = acc.result()
+    if not set(called) <= set(old_layers):
         raise ValueError(
-            f"batch statistics came back for layers {sorted(set(new_layers) ^ set(old_layers))} "
-            "that do not match encoder.variables['batch_stats']"
+            f"batch statistics came back for layers {sorted(set(called) - set(old_layers))} "
+            "that are not in encoder.variables['batch_stats']"
         )
+    # A BatchNorm the module owns but never applies (AMDIM's switched-off ones, as in
+    # PyTorch) sees no data: it keeps its stored statistics.
+    new_layers = {**old_layers, **called}
     flat = {}
     for path, stats in new_layers.items():
         for key, value in stats.items():
             flat[(*path, key)] = jnp.asarray(value, jnp.float32)
     new_stats = traverse_util.unflatten_dict(flat)
-    logging.info("recalibrated %d BN layers on %d images (%s)", len(new_layers), seen, mode)
+    logging.info("recalibrated %d BN layers on %d images (%s)", len(called), seen, mode)
     if failed:
         logging.warning("recalibration skipped %d unreadable images: %s", len(failed), failed)
     return _replace_variables(encoder, {**encoder.variables, "batch_stats": new_stats})

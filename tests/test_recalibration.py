@@ -353,3 +353,34 @@ def test_resnet50_pytorch_mode_equals_torch_train():
         scale = np.sqrt(var) if stat == "mean" else var
         err = np.max(np.abs(np.asarray(value, np.float64) - ref) / scale)
         assert err < 1e-4, (name, stat, err)
+
+
+def test_switched_off_batchnorms_keep_their_statistics():
+    """AMDIM as released (use_bn=False) owns BNs it never applies: only layer 9's BN sees data."""
+    from flax import traverse_util
+
+    from jretrieval.extract import normalise
+    from jretrieval.models import init_encoder
+
+    arch = {"name": "amdim", "ndf": 8, "n_rkhs": 64, "n_depth": 2, "use_bn": False}
+    encoder = init_encoder({**arch, "feature_layer": 9}, seed=1)
+    # Stored statistics that differ from Flax's init, so "kept" and "reset" can be told apart.
+    stats = jax.tree.map(lambda v: v + 0.5, encoder.variables["batch_stats"])
+    encoder = dataclasses.replace(encoder, variables={**encoder.variables, "batch_stats": stats})
+    batch = _batches([(2, 129, 129)], seed=2)[0]
+    got = recalibrate_bn(encoder, [batch], mode="exact")
+
+    # Reference: one training-mode pass reading the raw batch statistics of the one batch.
+    x = normalise(jnp.asarray(batch), jnp.float32(MEAN), jnp.float32(STD))
+    zeroed = {**encoder.variables, "batch_stats": jax.tree.map(jnp.zeros_like, stats)}
+    _, upd = encoder.module.clone(bn_momentum=0.0).apply(
+        zeroed, x, train=True, mutable=["batch_stats"]
+    )
+    before = traverse_util.flatten_dict(stats)
+    after = traverse_util.flatten_dict(got.variables["batch_stats"])
+    expected = traverse_util.flatten_dict(upd["batch_stats"])
+    applied = {k for k in after if k[0] == "layer_list_9"}
+    assert len(applied) == 2 and len(after) > 2
+    for key, value in after.items():
+        want = expected[key] if key in applied else before[key]
+        np.testing.assert_allclose(np.asarray(value), np.asarray(want), rtol=1e-5, atol=1e-6)
