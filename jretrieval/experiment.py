@@ -56,7 +56,7 @@ from absl import logging
 from jretrieval import extract as extract_lib
 from jretrieval import metrics, models, ranking, whitening
 from jretrieval import store as store_lib
-from jretrieval.datasets import DATASETS, Dataset, load_dataset
+from jretrieval.datasets import Dataset, load_dataset
 from jretrieval.datasets import images as images_lib
 
 __all__ = [
@@ -179,35 +179,13 @@ def load_data(config: Any) -> Dataset:
                 f"data.build_demo needs data.name={demo.DEMO_NAME!r}; got {data.name!r}"
             )
         demo.build_demo_dataset(data.root, **_as_dict(data.get("demo_kwargs", {})))
-    if data.name == "demo" and "demo" not in DATASETS:
-        dataset = _load_demo(data.root, crop_queries=data.crop_queries)
-    else:
-        dataset = load_dataset(data.name, data.root, **kwargs)
+    dataset = load_dataset(data.name, data.root, **kwargs)
     if not dataset.query_paths or dataset.protocol is None:
         raise ValueError(
             f"dataset {data.name!r} has no queries/ground truth; the experiment needs one of "
             "oxford5k, paris6k, roxford5k, rparis6k, instre (or the demo)"
         )
     return dataset
-
-
-def _load_demo(root: str, *, crop_queries: bool) -> Dataset:
-    """The demo set (``<root>/demo``, revisitop layout, classic protocol)."""
-    from jretrieval.datasets import groundtruth
-
-    folder = os.path.join(root, "demo")
-    gt = groundtruth.load_gnd(os.path.join(folder, "gnd_demo.pkl"))
-    jpg = os.path.join(folder, "jpg")
-    boxes = [tuple(float(v) for v in g["bbx"]) for g in gt.gnd] if crop_queries else None
-    return Dataset(
-        name="demo",
-        root=root,
-        db_paths=[os.path.join(jpg, n + ".jpg") for n in gt.imlist],
-        query_paths=[os.path.join(jpg, n + ".jpg") for n in gt.qimlist],
-        query_bbx=boxes,
-        gnd=list(gt.gnd),
-        protocol="classic",
-    )
 
 
 def _zoo_entry(config: Any, name: str) -> dict[str, Any]:
@@ -362,10 +340,6 @@ def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
 # ----------------------------------------------------------------------------- post-processing
 
 
-def _l2(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def postprocess(
     database: Any, queries: Any, *, dim: int | None, learn_on: str = "database"
 ) -> tuple[jax.Array, jax.Array]:
@@ -382,13 +356,21 @@ def postprocess(
     """
     if learn_on not in LEARN_ON:
         raise ValueError(f"whitening.learn_on={learn_on!r}; expected one of {LEARN_ON}")
-    db, q = _l2(jnp.asarray(database, jnp.float32)), _l2(jnp.asarray(queries, jnp.float32))
+    db, q = (
+        whitening.l2_normalize(jnp.asarray(database, jnp.float32)),
+        whitening.l2_normalize(jnp.asarray(queries, jnp.float32)),
+    )
     if dim is None:
         return db, q
-    if dim > db.shape[1]:
-        raise ValueError(f"whitening.dim={dim} exceeds the descriptor size {db.shape[1]}")
     train = db if learn_on == "database" else jnp.concatenate([db, q])
     pca = whitening.learn_pca(train)
+    components = int(pca.projection.shape[1])
+    if dim > components:
+        raise ValueError(
+            f"whitening.dim={dim} exceeds the {components} components of a PCA learned on "
+            f"{train.shape[0]} descriptors of size {train.shape[1]} ({learn_on}); "
+            f"expected a dim <= min(N, D) = {components}, or 'none'"
+        )
     return whitening.apply(pca, db, dim=dim), whitening.apply(pca, q, dim=dim)
 
 
@@ -409,8 +391,8 @@ def _row_descriptors(
     for m in members:
         db_rows = np.searchsorted(m.db_kept, db_kept)
         q_rows = np.searchsorted(m.q_kept, q_kept)
-        db_parts.append(np.asarray(_l2(jnp.asarray(m.database[db_rows]))))
-        q_parts.append(np.asarray(_l2(jnp.asarray(m.queries[q_rows]))))
+        db_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.database[db_rows]))))
+        q_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.queries[q_rows]))))
     return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jretrieval import experiment
@@ -24,6 +24,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file (a get_config() in configs/); fields overridable as --config.x=y.",
     lock_config=True,
 )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; a misspelt ``--config.x`` override exits with one line, no traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # ml_collections: unknown field of a locked config
+        text = str(err)
+        while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1].replace("\\'", "'").replace("\\n", "\n")
+        message = " ".join(text.replace("\\n", " ").split())
+        sys.stderr.write(f"FATAL Flags parsing error: no config field {message}\n")
+        sys.exit(1)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -46,4 +59,4 @@ def _plain_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -173,10 +173,15 @@ def check_columns(columns: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _clip_diffusion(kwargs: Mapping[str, Any], n_db: int, n_q: int) -> dict[str, Any]:
-    """Diffusion parameters that fit a small graph: truncation/kd/kq at most the node count."""
+    """Diffusion parameters that fit a small graph (the demo): ``kd``, ``kq`` clipped, logged.
+
+    ``diffusion.rank`` clamps ``truncation`` to the node count itself; ``kd`` must not exceed
+    the truncation set and ``kq`` the database, so they are clipped here with a warning.
+    """
     out = dict(kwargs)
     nodes = n_db + n_q if out.get("mode", "joint") == "joint" else n_db
-    for key, limit in (("truncation", nodes), ("kd", nodes - 1), ("kq", n_db)):
+    limits = {"kd": min(int(out.get("truncation", nodes)), nodes), "kq": n_db}
+    for key, limit in limits.items():
         if key in out and out[key] > limit:
             logging.warning(
                 "diffusion %s=%d > %d for this graph; using %d", key, out[key], limit, limit
@@ -216,7 +221,12 @@ def rank_columns(
         if k == 0:
             return ("db",), database
         key = ("dba", k, params.dba_alpha)
-        return key, cached(key, lambda: expansion.dba(database, k=k, alpha=params.dba_alpha))
+        return key, cached(
+            key,
+            lambda: expansion.dba(
+                database, k=k, alpha=params.dba_alpha, block_size=params.block_size
+            ),
+        )
 
     out: dict[str, jax.Array] = {}
     for name in names:
@@ -234,9 +244,15 @@ def rank_columns(
         if spec.aqe:
             k = params.combined_aqe_k if both else params.aqe_k
             q_key = ("aqe", db_key, k, params.aqe_alpha)
-            q = cached(
-                q_key, functools.partial(expansion.aqe, queries, db, k=k, alpha=params.aqe_alpha)
+            expand = functools.partial(
+                expansion.aqe,
+                queries,
+                db,
+                k=k,
+                alpha=params.aqe_alpha,
+                block_size=params.block_size,
             )
+            q = cached(q_key, expand)
         if spec.dfs:
             kwargs = _clip_diffusion(params.diffusion, n_db, q_n)
             ranks = cached(
