@@ -30,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -63,14 +64,23 @@ def check_finite(x: ArrayLike, name: str) -> None:
     """
     if isinstance(x, jax.core.Tracer):
         return
-    bad = ~jnp.isfinite(jnp.asarray(x))
-    if bool(jnp.any(bad)):
-        rows = jnp.nonzero(jnp.any(bad.reshape(bad.shape[0], -1), axis=1))[0] if bad.ndim else []
-        first = [int(r) for r in rows[:5]]
-        raise ValueError(
-            f"{name} holds NaN or inf (shape {tuple(jnp.shape(x))}, {int(jnp.sum(bad))} bad "
-            f"values, first bad rows {first}); descriptors must be finite"
-        )
+    if isinstance(x, jax.Array):
+        if bool(_all_finite(x)):
+            return
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.inexact) or np.isfinite(x).all():
+        return
+    bad = ~np.isfinite(x)
+    rows = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1)) if bad.ndim else []
+    raise ValueError(
+        f"{name} holds NaN or inf (shape {x.shape}, {int(bad.sum())} bad values, first bad "
+        f"rows {[int(r) for r in rows[:5]]}); descriptors must be finite"
+    )
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
 
 
 def _check_pair(queries: ArrayLike, database: ArrayLike, k: int | None, block_size: int) -> None:

@@ -1,0 +1,157 @@
+"""jretrieval.search against NumPy float64 argsort; blocking, ties, jit and bad input.
+
+Tolerances: indices exactly (inputs are drawn so that neighbouring float64 scores differ by far
+more than float32 round-off); scores to 1e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jretrieval import search
+
+
+def _tie_free(rng, q, n, d, min_gap=1e-4):
+    """Random unit vectors whose per-query sorted float64 scores are separated by min_gap."""
+    while True:
+        queries = rng.standard_normal((q, d))
+        database = rng.standard_normal((n, d))
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        database /= np.linalg.norm(database, axis=1, keepdims=True)
+        s = np.sort(queries @ database.T, axis=1)
+        if n == 1 or np.diff(s, axis=1).min() > min_gap:
+            return queries.astype(np.float32), database.astype(np.float32)
+
+
+def _reference(queries, database):
+    s = queries.astype(np.float64) @ database.astype(np.float64).T
+    return s, np.argsort(-s, axis=1, kind="stable")
+
+
+@pytest.mark.parametrize("q,n,d", [(3, 1, 4), (5, 40, 8), (4, 97, 16)])
+def test_rank_equals_argsort_of_similarities(q, n, d):
+    rng = np.random.default_rng(n)
+    queries, database = _tie_free(rng, q, n, d)
+    s, order = _reference(queries, database)
+    ranks = np.asarray(search.rank(queries, database))
+    assert ranks.dtype == np.int32 and ranks.shape == (q, n)
+    np.testing.assert_array_equal(ranks, order)
+    for k in sorted({0, 1, min(7, n), n}):
+        scores, idx = search.topk(queries, database, k)
+        assert idx.shape == (q, k) and scores.shape == (q, k)
+        np.testing.assert_array_equal(np.asarray(idx), order[:, :k])
+        np.testing.assert_allclose(
+            np.asarray(scores), np.take_along_axis(s, order[:, :k], 1), atol=1e-5
+        )
+        np.testing.assert_array_equal(np.asarray(search.rank(queries, database, k)), order[:, :k])
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 32, 96, 1000])
+def test_blocked_equals_unblocked(block_size):
+    # N = 97 is prime, so every block size but 1 and >= 97 leaves a padded last block.
+    rng = np.random.default_rng(0)
+    queries, database = _tie_free(rng, 6, 97, 12)
+    _, order = _reference(queries, database)
+    for k in (5, 97):
+        scores, idx = search.topk(queries, database, k, block_size=block_size)
+        np.testing.assert_array_equal(np.asarray(idx), order[:, :k])
+        assert np.all(np.isfinite(np.asarray(scores)))  # padding (-inf) never selected
+
+
+def test_blocking_bounds_the_similarity_block():
+    # The traced computation never holds a [Q, N] float array when k and a smaller block are
+    # given: the largest similarity block is [Q, block_size] (+ the k running entries).
+    q, n, d, k, block = 3, 1000, 8, 5, 64
+    jaxpr = jax.make_jaxpr(functools.partial(search.topk, k=k, block_size=block))(
+        jnp.zeros((q, d)), jnp.zeros((n, d))
+    )
+
+    def shapes(jx):
+        for eqn in jx.eqns:
+            for v in eqn.outvars:
+                yield tuple(v.aval.shape)
+            for param in eqn.params.values():
+                if isinstance(param, jax.extend.core.ClosedJaxpr):
+                    yield from shapes(param.jaxpr)
+                elif isinstance(param, jax.extend.core.Jaxpr):
+                    yield from shapes(param)
+
+    all_shapes = list(shapes(jaxpr.jaxpr))
+    assert (q, k + block) in all_shapes  # the running merge is there
+    assert max(np.prod(s) for s in all_shapes if s and s[0] == q) <= q * (k + block)
+
+
+def test_ties_lower_index_first():
+    database = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0], [1.0, 0.0]], np.float32)
+    queries = np.array([[1.0, 0.0]], np.float32)
+    # scores 1, 0, 1, 0.5, 1 -> the three ties in index order, then 3, then 1.
+    expected = [[0, 2, 4, 3, 1]]
+    np.testing.assert_array_equal(np.asarray(search.rank(queries, database)), expected)
+    for block_size in (1, 2, 3, 16):
+        _, idx = search.topk(queries, database, 4, block_size=block_size)
+        np.testing.assert_array_equal(np.asarray(idx), [expected[0][:4]])
+
+
+def test_hand_computed_scores():
+    queries = np.array([[1.0, 2.0]], np.float32)
+    database = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]], np.float32)
+    scores, idx = search.topk(queries, database, 3, block_size=2)
+    np.testing.assert_array_equal(np.asarray(idx), [[2, 1, 0]])
+    np.testing.assert_allclose(np.asarray(scores), [[3.0, 2.0, 1.0]], rtol=1e-6)
+
+
+def test_jit_and_bfloat16():
+    rng = np.random.default_rng(3)
+    queries, database = _tie_free(rng, 2, 30, 8)
+    _, order = _reference(queries, database)
+    f = jax.jit(functools.partial(search.topk, k=4, block_size=8))
+    np.testing.assert_array_equal(np.asarray(f(queries, database)[1]), order[:, :4])
+    r = jax.jit(search.rank)(queries, database)
+    np.testing.assert_array_equal(np.asarray(r), order)
+    # bfloat16 inputs: scored in float32 from the rounded values.
+    qb, db = jnp.asarray(queries, jnp.bfloat16), jnp.asarray(database, jnp.bfloat16)
+    _, ref = _reference(np.asarray(qb, np.float32), np.asarray(db, np.float32))
+    scores, idx = search.topk(qb, db, 5)
+    assert scores.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(idx), ref[:, :5])
+
+
+@pytest.mark.parametrize(
+    "queries,database,k,match",
+    [
+        (np.zeros((2, 4)), np.zeros((5, 3)), 1, r"queries \(2, 4\), database \(5, 3\)"),
+        (np.zeros((0, 4)), np.zeros((5, 4)), 1, r"queries is empty.*\(0, 4\)"),
+        (np.zeros((2, 4)), np.zeros((0, 4)), None, r"database is empty"),
+        (np.zeros((2, 4)), np.zeros((5, 4)), 6, r"k=6.*\(5, 4\).*N = 5"),
+        (np.zeros((2, 4)), np.zeros((5, 4)), -1, r"k=-1"),
+        (np.zeros(4), np.zeros((5, 4)), 1, r"queries must be a \[N, D\].*\(4,\)"),
+        (np.zeros((2, 4), np.int32), np.zeros((5, 4)), 1, r"queries must be a float array"),
+    ],
+)
+def test_bad_shapes(queries, database, k, match):
+    with pytest.raises(ValueError, match=match):
+        search.rank(queries, database, k)
+    if k is not None:
+        with pytest.raises(ValueError, match=match):
+            search.topk(queries, database, k)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values(bad):
+    database = np.ones((5, 4), np.float32)
+    database[3, 1] = bad
+    with pytest.raises(ValueError, match=r"database holds NaN or inf \(shape \(5, 4\).*\[3\]"):
+        search.topk(np.ones((2, 4), np.float32), database, 2)
+    with pytest.raises(ValueError, match=r"queries holds NaN or inf"):
+        search.rank(database, np.ones((5, 4), np.float32))
+
+
+def test_bad_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        search.topk(np.ones((2, 4)), np.ones((5, 4)), 2, block_size=0)
