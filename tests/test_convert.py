@@ -304,7 +304,7 @@ def test_refuses_code_in_pickle(container, tmp_path, capsys):
     src = tmp_path / "evil.pth"
     payload = {"state_dict": {"conv1.weight": _Evil(str(marker))}}
     if container == "pickle":
-        src.write_bytes(pickle.dumps(payload))
+        src.write_bytes(pickle.dumps(payload, protocol=2))
     else:
         torch.save(payload, src)
     err = refused(tmp_path, capsys, str(src))
