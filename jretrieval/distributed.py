@@ -1,0 +1,525 @@
+"""Devices and processes: the one device mesh, data-parallel extraction, multi-host plumbing.
+
+Shape convention: image batches are ``uint8 [B, H, W, 3]`` (NHWC) and are sharded along ``B``
+over the mesh's single axis ``"data"``; descriptor sets are ``[N, D]`` rows in the order of the
+image list; weights and BN statistics are replicated.
+
+**The mesh.** ``make_mesh()`` builds the 1-D mesh over every device of every process
+(``jax.devices()``); callers build it once and pass it down (``mesh=`` arguments here, in
+``jretrieval.sharded`` and in ``jretrieval.extract``). ``initialize(multihost=True)`` calls
+``jax.distributed.initialize()`` (TPU VM pods and SLURM/Kubernetes GPU clusters are detected
+automatically; coordinator, process count and id may be given); with ``multihost=False`` it
+does nothing, so on one process it costs nothing.
+
+**Data-parallel steps.** ``make_step`` wraps ``jretrieval.extract.make_step`` so that each batch
+is placed with ``NamedSharding(mesh, P("data"))`` and the encoder's variables with a replicated
+sharding; ``jax.jit`` then partitions the whole step along the batch (GSPMD). Batches are padded
+by ``extract.extract(pad_multiple=mesh size)`` and the padding rows dropped, so descriptors are
+those of one device (allclose: XLA may block the convolutions differently). BN recalibration
+(``recalibrate_bn``) runs the encoder in training mode on the sharded batch: every BatchNorm's
+mean and variance are reductions over the (sharded) batch axis, which XLA computes as per-device
+partial sums followed by an all-reduce, i.e. the statistics of the *global* batch, as on one
+device. A batch whose size is not a multiple of the device count is replicated instead (every
+device computes the whole batch: same numbers, no padding that would bias the statistics).
+
+**Multi-host extraction** (``extract`` with ``jax.process_count() > 1``). Process ``p`` of ``P``
+decodes and encodes only the contiguous slice ``process_slice(N)`` of the image list, data-parallel
+over its own (local) devices, into its own resumable part store ``<store>.part<p>of<P>``. The
+descriptor rows are then all-gathered (``multihost_utils.process_allgather``, in blocks of rows so
+the transient buffer stays bounded) so every process returns the full ``[N, D]`` array, and
+process 0 writes the single HDF5 store with exactly the settings, ids and row order of a
+single-process run (so a later single-process run reuses it). The other processes wait at a
+barrier, then every process removes its part file. We chose the all-gather over "every process
+writes a part, process 0 merges" because it needs no shared filesystem for the descriptors: only
+the final ``store`` path must be visible to every process when it is to be *reused* (whether it
+exists is decided by process 0 and broadcast, so all processes take the same branch).
+Recalibration across processes (``recalibrate_bn``, mode ``"exact"``) likewise runs each
+process's slice locally and merges the per-process population statistics exactly (counts, means,
+variances gathered as float64 bit patterns); ``"pytorch"`` mode is sequential by definition
+(a running average over batches), so every process then runs all batches itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jretrieval import extract as extract_lib
+from jretrieval import store as store_lib
+from jretrieval.datasets import images as images_lib
+
+__all__ = [
+    "DATA_AXIS",
+    "allgather_rows",
+    "extract",
+    "initialize",
+    "local_mesh",
+    "make_mesh",
+    "make_step",
+    "mesh_size",
+    "process_slice",
+    "recalibrate_bn",
+    "replicate",
+    "shard_batch",
+    "to_host",
+]
+
+DATA_AXIS = "data"
+#: rows per all-gather round when collecting descriptors from all processes.
+GATHER_ROWS = 1 << 16
+
+
+# ----------------------------------------------------------------------------- mesh, processes
+
+
+def initialize(
+    multihost: bool = False,
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    cpu_collectives: str | None = "gloo",
+    initialization_timeout: int = 300,
+) -> None:
+    """Starts JAX's multi-process runtime when ``multihost`` (``config.distributed.multihost``).
+
+    Must run before any other JAX call touches a device. Idempotent; a no-op unless
+    ``multihost``. ``cpu_collectives`` selects the CPU cross-process collectives (``"gloo"``;
+    ``None`` keeps JAX's default) so CPU-only clusters and tests can all-gather.
+    """
+    if not multihost:
+        return
+    if jax.distributed.is_initialized():
+        return
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=initialization_timeout,
+    )
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, axis_name: str = DATA_AXIS) -> Mesh:
+    """The 1-D mesh over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh: got an empty device list")
+    return Mesh(np.asarray(devices, dtype=object), (axis_name,))
+
+
+def local_mesh(mesh: Mesh | None = None) -> Mesh:
+    """The mesh of this process's devices of ``mesh`` (default: all local devices)."""
+    if mesh is None:
+        return make_mesh(jax.local_devices())
+    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    return make_mesh(mine, axis_name=mesh.axis_names[0])
+
+
+def mesh_size(mesh: Mesh | None) -> int:
+    """Number of devices of ``mesh`` (1 for ``None``)."""
+    return 1 if mesh is None else int(mesh.devices.size)
+
+
+def process_slice(
+    n: int, *, process_index: int | None = None, process_count: int | None = None
+) -> slice:
+    """The contiguous rows ``[lo, hi)`` of ``n`` items process ``p`` of ``P`` handles.
+
+    Blocks of ``ceil(n / P)``; the last processes may get fewer (or none).
+    """
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= p < count:
+        raise ValueError(f"process_index={p} out of range for process_count={count}")
+    per = -(-n // count) if n else 0
+    return slice(min(n, p * per), min(n, (p + 1) * per))
+
+
+def _axis(mesh: Mesh) -> str:
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names} {mesh.devices.shape}")
+    return mesh.axis_names[0]
+
+
+def shard_batch(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
+    """Places ``x`` ``[B, ...]`` with its first axis split over the mesh.
+
+    ``B`` must be a multiple of the number of devices the mesh has in this process; with several
+    processes ``x`` holds this process's rows and the global batch is their concatenation.
+    """
+    sharding = NamedSharding(mesh, P(_axis(mesh)))
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    if x.shape[0] % max(local, 1):
+        raise ValueError(
+            f"batch of shape {tuple(x.shape)}: size {x.shape[0]} is not a multiple of the "
+            f"{local} local devices of the mesh; pad it (extract.padded_batch_size)"
+        )
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return multihost_utils.host_local_array_to_global_array(x, mesh, P(_axis(mesh)))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of ``tree`` replicated on every device of ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) global array as one NumPy array on this host."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def make_step(encoder: Any, mesh: Mesh | None = None, **kwargs: Any) -> Callable:
+    """``extract.make_step`` over ``mesh``: ``uint8 [B, H, W, 3] -> float32 [B, D]``.
+
+    ``B`` must be a multiple of the mesh size (``extract.extract`` pads with ``pad_multiple``).
+    The variables are replicated once here; each call shards the batch along ``B``. With
+    ``mesh=None`` (or one device) this is ``extract.make_step`` itself.
+    """
+    if mesh_size(mesh) == 1 and jax.process_count() == 1:
+        return extract_lib.make_step(encoder, **kwargs)
+    encoder = _with_variables(encoder, replicate(encoder.variables, mesh))
+    step = extract_lib.make_step(encoder, **kwargs)
+
+    def sharded(images: np.ndarray) -> jax.Array:
+        if isinstance(images, jax.core.Tracer):  # traced (jax.eval_shape of the step)
+            return step(images)
+        return step(shard_batch(np.asarray(images), mesh))
+
+    return sharded
+
+
+def _with_variables(encoder: Any, variables: Any) -> Any:
+    if hasattr(encoder, "replace"):
+        return encoder.replace(variables=variables)
+    return dataclasses.replace(encoder, variables=variables)
+
+
+def _place_batches(batches: Iterable[Any], mesh: Mesh) -> Iterator[Any]:
+    n = mesh_size(mesh)
+    for batch in batches:
+        images = getattr(batch, "images", batch)
+        if len(images) and len(images) % n == 0:
+            placed = shard_batch(np.asarray(images), mesh)
+        else:  # replicated: identical statistics, no padding rows to bias them
+            placed = replicate(np.asarray(images), mesh)
+        yield batch._replace(images=placed) if hasattr(batch, "_replace") else placed
+
+
+def _bn_counts(module: nn.Module, variables: Any, shape: tuple[int, ...]) -> dict[tuple, int]:
+    """Values each BatchNorm normalises per channel for an input batch of ``shape``."""
+
+    def run(v: Any, x: jax.Array) -> Any:
+        _, state = module.apply(
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm),
+        )
+        return state.get("intermediates", {})
+
+    out = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return {
+        path[:-1]: int(np.prod(o[0].shape[:-1]))
+        for path, o in traverse_util.flatten_dict(out).items()
+    }
+
+
+def _allgather_f64(x: np.ndarray) -> np.ndarray:
+    """``[...]`` float64 from every process -> ``[P, ...]``, bit-exact (sent as uint32 pairs)."""
+    bits = np.ascontiguousarray(x, np.float64).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(bits))
+    return out.view(np.float64).reshape(out.shape[0], *x.shape)
+
+
+def recalibrate_bn(
+    encoder: Any,
+    batches: Iterable[Any],
+    *,
+    mesh: Mesh | None = None,
+    mode: str = "exact",
+    **kwargs: Any,
+) -> Any:
+    """``extract.recalibrate_bn`` with each batch sharded over ``mesh`` (global batch stats).
+
+    With several processes each passes the batches of its own images (``process_slice`` of the
+    list) and, in ``"exact"`` mode, the per-process population statistics are merged exactly
+    (law of total variance, in float64); ``"pytorch"`` mode needs every process to pass *all*
+    batches (a running average is sequential). Other keyword arguments go to
+    ``extract.recalibrate_bn``.
+    """
+    if mesh is None:
+        return extract_lib.recalibrate_bn(encoder, batches, mode=mode, **kwargs)
+    multi = jax.process_count() > 1
+    place_mesh = local_mesh(mesh) if multi else mesh
+    replicated = _with_variables(encoder, replicate(encoder.variables, place_mesh))
+    if not (multi and mode == "exact"):
+        out = extract_lib.recalibrate_bn(
+            replicated, _place_batches(batches, place_mesh), mode=mode, **kwargs
+        )
+        return _with_variables(out, jax.tree.map(np.asarray, out.variables))
+
+    # Multi-process exact mode: local population statistics, then an exact merge.
+    shapes: dict[tuple, int] = {}
+
+    def counted(items: Iterable[Any]) -> Iterator[Any]:
+        for batch in items:
+            images = getattr(batch, "images", batch)
+            if len(images):
+                shapes[tuple(images.shape)] = shapes.get(tuple(images.shape), 0) + 1
+            yield batch
+
+    stats = encoder.variables["batch_stats"]
+    try:
+        local = extract_lib.recalibrate_bn(
+            replicated, _place_batches(counted(batches), place_mesh), mode=mode, **kwargs
+        )
+        local_stats = local.variables["batch_stats"]
+    except ValueError as err:
+        if shapes:
+            raise
+        logging.info("process %d had no images to recalibrate on (%s)", jax.process_index(), err)
+        local_stats = stats
+    module = encoder.module.clone(bn_momentum=0.0)
+    layers = traverse_util.flatten_dict(stats)
+    names = sorted({path[:-1] for path in layers})
+    counts = dict.fromkeys(names, 0)
+    for shape, times in shapes.items():
+        for name, c in _bn_counts(module, encoder.variables, shape).items():
+            if name in counts:
+                counts[name] += c * times
+    flat_local = traverse_util.flatten_dict(jax.tree.map(np.asarray, local_stats))
+    widths = [flat_local[(*n, "mean")].size for n in names]
+    packed = np.concatenate(
+        [np.concatenate([[counts[n]], flat_local[(*n, "mean")], flat_local[(*n, "var")]])
+         for n in names]
+    )  # fmt: skip
+    everyone = _allgather_f64(packed)  # [P, sum(1 + 2 C)]
+    offsets = np.cumsum([0] + [1 + 2 * w for w in widths])
+    gathered = {n: everyone[:, offsets[i] : offsets[i + 1]] for i, n in enumerate(names)}
+    merged = {}
+    for n, rows in gathered.items():
+        c = rows.shape[1] // 2
+        cnt, means, vars_ = rows[:, 0], rows[:, 1 : 1 + c], rows[:, 1 + c :]
+        total = cnt.sum()
+        if total == 0:
+            raise ValueError(f"recalibrate_bn: no images reached BatchNorm {'/'.join(n)}")
+        mean = (cnt[:, None] * means).sum(0) / total
+        var = (cnt[:, None] * (vars_ + (means - mean) ** 2)).sum(0) / total
+        merged[(*n, "mean")] = np.asarray(mean, np.float32)
+        merged[(*n, "var")] = np.asarray(var, np.float32)
+    new_stats = traverse_util.unflatten_dict(merged)
+    return _with_variables(encoder, {**encoder.variables, "batch_stats": new_stats})
+
+
+# ------------------------------------------------------------------------- multi-host extraction
+
+
+def allgather_rows(rows: np.ndarray, *, block: int = GATHER_ROWS) -> np.ndarray:
+    """Concatenates every process's ``[n_p, ...]`` rows in process order -> ``[sum n_p, ...]``.
+
+    Collective: every process calls it. Rows travel in rounds of ``block`` rows per process.
+    """
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int32)))
+    sizes = sizes.reshape(-1)
+    longest = int(sizes.max())
+    parts: list[list[np.ndarray]] = [[] for _ in sizes]
+    for start in range(0, longest, block):
+        stop = min(start + block, longest)
+        chunk = np.zeros((stop - start, *rows.shape[1:]), rows.dtype)
+        mine = rows[start:stop]
+        chunk[: len(mine)] = mine
+        got = np.asarray(multihost_utils.process_allgather(chunk))
+        for p, size in enumerate(sizes):
+            parts[p].append(got[p, : max(0, min(stop, size) - start)])
+    return np.concatenate([np.concatenate(p) for p in parts], axis=0)
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    joined = allgather_rows(data)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32)))
+    out, start = [], 0
+    for size in sizes.reshape(-1):
+        out.append(json.loads(joined[start : start + size].tobytes().decode()))
+        start += size
+    return out
+
+
+def extract(
+    encoder: Any,
+    paths: Sequence[str],
+    *,
+    mesh: Mesh | None = None,
+    store: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``extract.extract`` data-parallel over ``mesh`` and, with several processes, split by
+    process (see the module docstring). Same arguments and results as ``extract.extract``.
+
+    Returns:
+      ``(descriptors float32 [N_kept, D], report)`` equal to a single-device run's, on every
+      process.
+    """
+    if jax.process_count() == 1:
+        n = mesh_size(mesh)
+        if n > 1:
+            kwargs.setdefault("pad_multiple", n)
+            kwargs.setdefault("step", make_step(encoder, mesh, **_step_kwargs(kwargs)))
+        return extract_lib.extract(encoder, paths, store=store, **kwargs)
+    return _extract_multihost(encoder, list(paths), mesh=mesh, store=store, **kwargs)
+
+
+def _step_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("pooling", "pooling_kwargs", "map_size", "map_method")
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+def _extract_multihost(
+    encoder: Any,
+    paths: list[str],
+    *,
+    mesh: Mesh | None,
+    store: str | os.PathLike | None,
+    **kwargs: Any,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    p, count = jax.process_index(), jax.process_count()
+    store = None if store is None else os.fspath(store)
+    exists = store is not None and os.path.exists(store)
+    exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
+    if exists:
+        if not os.path.exists(store):
+            raise FileNotFoundError(
+                f"process {p}: descriptor store {store} exists on process 0 but not here; a "
+                "multi-host run needs the store on a filesystem every process sees"
+            )
+        return extract_lib.extract(encoder, paths, store=store, **kwargs)
+
+    n = len(paths)
+    sl = process_slice(n)
+    ids = kwargs.pop("ids", None)
+    ids = list(paths) if ids is None else [str(i) for i in ids]
+    bbx = kwargs.pop("bbx", None)
+    if len(ids) != n or (bbx is not None and len(bbx) != n):
+        raise ValueError(f"ids/bbx have {len(ids)}/{None if bbx is None else len(bbx)} entries "
+                         f"for {n} paths")  # fmt: skip
+    local = local_mesh(mesh)
+    k = mesh_size(local)
+    step_kwargs = _step_kwargs(kwargs)
+    if k > 1:
+        kwargs.setdefault("pad_multiple", k)
+        kwargs.setdefault("step", make_step(encoder, local, **step_kwargs))
+    part = None if store is None else f"{store}.part{p}of{count}"
+    if sl.stop > sl.start:
+        rows, rep = extract_lib.extract(
+            encoder,
+            paths[sl],
+            bbx=None if bbx is None else bbx[sl],
+            ids=ids[sl],
+            store=part,
+            desc=f"{kwargs.pop('desc', 'extract')} [process {p}/{count}]",
+            **kwargs,
+        )
+        kept = np.asarray(rep["kept"], np.int64) + sl.start
+        skipped = [list(s) for s in rep["skipped"]]
+        dim = rows.shape[1]
+    else:  # more processes than images
+        rows, kept, skipped, dim, rep = (
+            np.zeros((0, 0), np.float32),
+            np.zeros(0, np.int64),
+            [],
+            0,
+            {},
+        )
+    dim = int(np.asarray(multihost_utils.process_allgather(np.asarray([dim], np.int32))).max())
+    if rows.shape[1] != dim:
+        rows = np.zeros((len(rows), dim), np.float32)
+    all_rows = allgather_rows(np.asarray(rows, np.float32))
+    all_kept = allgather_rows(kept)
+    all_skipped = [tuple(s) for part_s in _allgather_json(skipped) for s in part_s]
+    report = {
+        "store": store,
+        "reused": False,
+        "resumed": int(rep.get("resumed", 0)),
+        "skipped": all_skipped,
+        "shapes": rep.get("shapes", []),
+        "kept": all_kept,
+        "seconds": rep.get("seconds", 0.0),
+        "images_per_s": rep.get("images_per_s", 0.0),
+        "processes": count,
+    }
+    if store is not None:
+        if p == 0:
+            _write_store(encoder, paths, ids, bbx, store, all_rows, all_kept, all_skipped, kwargs)
+        multihost_utils.sync_global_devices(f"jretrieval store written: {store}")
+        if part is not None and os.path.exists(part):
+            os.remove(part)
+    return all_rows, report
+
+
+def _write_store(
+    encoder: Any,
+    paths: list[str],
+    ids: list[str],
+    bbx: Any,
+    store: str,
+    rows: np.ndarray,
+    kept: np.ndarray,
+    skipped: list[tuple[str, str]],
+    kwargs: Mapping[str, Any],
+) -> None:
+    """Process 0: the single-process store (same settings, ids, order) from gathered rows."""
+    settings = extract_lib.extraction_settings(
+        encoder,
+        ids,
+        paths=paths,
+        bbx=bbx,
+        policy=images_lib.as_policy(kwargs["policy"]),
+        pooling=kwargs.get("pooling", "rmac"),
+        pooling_kwargs=kwargs.get("pooling_kwargs"),
+        map_size=kwargs.get("map_size"),
+        map_method=kwargs.get("map_method", "linear"),
+        settings=kwargs.get("settings"),
+    )
+    index = {path: i for i, path in enumerate(paths)}
+    failed = [(index[path], msg) for path, msg in skipped]
+    os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
+    f = store_lib.create_partial(store, ids=ids, dim=rows.shape[1], settings=settings)
+    try:
+        for start in range(0, max(len(kept), 1), GATHER_ROWS):
+            sel = slice(start, start + GATHER_ROWS)
+            store_lib.mark_batch(f, kept[sel], rows[sel], failed if start == 0 else ())
+        store_lib.finalize(f, store)
+    finally:
+        if f.id.valid:
+            f.close()
+    logging.info("wrote %s (%d rows from %d processes)", store, len(kept), jax.process_count())
