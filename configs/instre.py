@@ -5,9 +5,11 @@ Command (from the repository root, after `bin/download_datasets.sh instre` and
 
     python -m jretrieval.main --config=configs/instre.py
 
-Expected runtime: on one GPU about 5-10 min per ResNet-50 model (BN recalibration plus 28,543
-images at 724x724); on a 2-core CPU about 6 h per ResNet-50 model. Diffusion over 28.5k nodes
-takes a few minutes per diffusion column. Descriptors are cached under `runs/instre/`.
+Expected runtime: dominated by BN recalibration and extraction (27,293 + 1,250 images at
+724x724) per model. On a 2-core CPU, ResNet-50 runs at about 0.3 images/s in training mode (BN
+recalibration) and 1.2 images/s in inference (measured here on a shared machine), so about 32 h
+per ResNet-50 model and several times that for SimCLR 2x/4x: use a GPU (not measured here;
+expect minutes per model). Descriptors are cached under `runs/instre/`.
 """
 
 from configs import common

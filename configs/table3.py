@@ -5,11 +5,11 @@ Command (from the repository root; the dataset is the argument, oxford5k by defa
     python -m jretrieval.main --config=configs/table3.py            # Oxford5k
     python -m jretrieval.main --config=configs/table3.py:paris6k    # Paris6k
 
-Expected runtime: the extraction of Table 1 (shared: descriptors are cached under
-`runs/<dataset>/`, so after `configs/oxford.py` this takes seconds), otherwise on one GPU about
-1-2 min per ResNet-50 model, on a 2-core CPU about 1 h per model. Writes the table and a plot of
-mAP against the dimension, one line per model. A dimension larger than the whitening can give
-(at most min(#database images - 1, descriptor size) informative components) is an error.
+Expected runtime: the extraction of Table 1, shared with it (descriptors and BN statistics are
+cached under `runs/<dataset>/`, so after `configs/oxford.py` this takes about a minute of
+whitening and ranking); otherwise see `configs/oxford.py` (hours per model on a 2-core CPU).
+Writes the table and a plot of mAP against the dimension, one line per model. The whitening has
+min(#database images, descriptor size) components; a larger dimension is an error.
 """
 
 from configs import common

@@ -296,7 +296,8 @@ def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
     }
     for part, (paths, bbx) in parts.items():
         ids = _relative(paths, dataset.root)
-        user = {"model": name, "dataset": dataset.name, "part": part, "bn": _as_dict(config.bn)}
+        # The recalibrated statistics are in the weights' digest; "bn" only names the mode.
+        user = {"model": name, "dataset": dataset.name, "part": part, "bn": config.bn.mode}
         common = dict(
             bbx=bbx,
             policy=policy,
