@@ -35,8 +35,10 @@ The results are a JSON-serialisable dict::
      "models": {row: {column: {metric: value in percent}}},
      "labels": {row: label}, "columns": [column keys in order], "metrics": [metric keys],
      "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
-     "settings": config as a dict, "notes": [...], "skipped": {...}, "timings": {...},
-     "examples": {...}}
+     "settings": config as a dict, "notes": [...], "skipped": {model: [(part, path, why)]},
+     "timings": {"models": {...}, "rows": {...}, "total": s}, "stores": {model: {part: path}},
+     "examples": {row: {"column", "queries", "ranks": top-10 database indices}},
+     "sizes": {"database": N, "queries": Q}}
 
 handed to ``jretrieval.report`` (tables like the paper's, JSON, CSV, plots) and returned.
 """
@@ -63,6 +65,7 @@ __all__ = [
     "Descriptors",
     "column_key",
     "describe",
+    "evaluate_row",
     "load_data",
     "load_encoder",
     "parse_dims",
@@ -397,6 +400,62 @@ def _row_descriptors(
     return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
 
 
+def evaluate_row(
+    descriptors: Sequence[Descriptors],
+    dataset: Dataset,
+    *,
+    dims: Sequence[int | None],
+    columns: Sequence[str],
+    params: ranking.RankingParams,
+    learn_on: str = "database",
+    top: int = 0,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Figures of one row (a model or an ensemble) for every whitening dim and column.
+
+    Args:
+      descriptors: the members' raw descriptors (one for a single model).
+      dataset: the dataset (ground truth, protocol, database size).
+      dims: whitening dims (``None``: no PCA); columns: ranking column names.
+      params: ranking parameters; learn_on: see ``postprocess``.
+      top: queries whose top-10 lists are returned (for the report's picture).
+
+    Returns:
+      ``({column key: {metric: percent}}, examples)``; column keys from ``column_key``;
+      ``examples`` holds the first column's top-10 database indices of the first ``top``
+      queries (``{"column", "queries", "ranks"}``).
+    """
+    db_raw, q_raw, db_kept, q_kept = _row_descriptors(descriptors)
+    gnd = [dataset.gnd[i] for i in q_kept]
+    sweep = len(dims) > 1
+    table: dict[str, dict[str, float]] = {}
+    examples: dict[str, Any] = {}
+    for dim in dims:
+        db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on)
+        for col, r in ranking.rank_columns(q, db, params, columns).items():
+            key = column_key(col, dim, sweep=sweep, columns=len(columns))
+            full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
+            table[key] = metrics.evaluate(
+                full, gnd, dataset.protocol, num_database=len(dataset.db_paths)
+            )
+            if not examples:
+                examples = {
+                    "column": key,
+                    "queries": q_kept[:top].tolist(),
+                    "ranks": full[:top, :10].tolist(),
+                }
+    return table, examples
+
+
+def _check_config(config: Any) -> None:
+    if config.whitening.learn_on not in LEARN_ON:
+        raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
+    if config.bn.mode not in BN_MODES:
+        raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
+    for _, members in parse_models(config.models):
+        for m in members:
+            _zoo_entry(config, m)
+
+
 def run(config: Any) -> dict[str, Any]:
     """Runs the experiment of ``config`` (see ``configs/common.py``) and reports it.
 
@@ -409,82 +468,65 @@ def run(config: Any) -> dict[str, Any]:
     dims = parse_dims(config.whitening.dim)
     columns = ranking.check_columns(config.ranking.columns)
     params = ranking.params_from_config(config)
-    if config.whitening.learn_on not in LEARN_ON:
-        raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
-    if config.bn.mode not in BN_MODES:
-        raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
-    for _, members in rows:
-        for m in members:
-            _zoo_entry(config, m)
+    _check_config(config)
     dataset = load_data(config)
-    protocol = dataset.protocol
-    shown = list(config.eval.metrics or metrics.PROTOCOLS[protocol])
-    unknown = [m for m in shown if m not in metrics.PROTOCOLS[protocol]]
+    shown = list(config.eval.metrics or metrics.PROTOCOLS[dataset.protocol])
+    unknown = [m for m in shown if m not in metrics.PROTOCOLS[dataset.protocol]]
     if unknown:
         raise ValueError(
-            f"eval.metrics {unknown} are not figures of protocol {protocol!r}: "
-            f"{metrics.PROTOCOLS[protocol]}"
+            f"eval.metrics {unknown} are not figures of protocol {dataset.protocol!r}: "
+            f"{metrics.PROTOCOLS[dataset.protocol]}"
         )
-    sweep = len(dims) > 1
-    keys = {
-        (c, d): column_key(c, d, sweep=sweep, columns=len(columns)) for d in dims for c in columns
-    }
+    keys = [
+        column_key(c, d, sweep=len(dims) > 1, columns=len(columns)) for d in dims for c in columns
+    ]
     results: dict[str, Any] = {
         "dataset": dataset.name,
-        "protocol": protocol,
+        "protocol": dataset.protocol,
         "table": config.get("table", "table1"),
         "models": {},
         "labels": {},
-        "columns": list(keys.values()),
+        "columns": keys,
         "metrics": shown,
         "dims": list(dims),
-        "column_dims": {k: d for (_, d), k in keys.items()},
+        "column_dims": dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
         "settings": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "notes": [],
+        "notes": [str(config.output.note)] if config.output.get("note") else [],
         "skipped": {},
-        "timings": {},
+        "timings": {"models": {}, "rows": {}},
         "stores": {},
         "examples": {},
         "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
     }
-    if config.output.get("note"):
-        results["notes"].append(str(config.output.note))
     cache: dict[str, Descriptors] = {}
     for row, members in rows:
         for m in members:
-            if m not in cache:
-                cache[m] = describe(config, m, dataset)
-                results["timings"][m] = cache[m].info["seconds"]
-                results["stores"][m] = cache[m].info["stores"]
-                if cache[m].info["skipped"]:
-                    results["skipped"][m] = cache[m].info["skipped"]
-                if not _zoo_entry(config, m).get("file"):
-                    results["notes"].append(
-                        f"{m}: randomly initialised weights (seed {_zoo_entry(config, m)['seed']}),"
-                        " not a trained encoder"
-                    )
-        db_raw, q_raw, db_kept, q_kept = _row_descriptors([cache[m] for m in members])
-        gnd = [dataset.gnd[i] for i in q_kept]
-        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
-        table: dict[str, dict[str, float]] = {}
-        t0 = time.perf_counter()
-        for dim in dims:
-            db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=config.whitening.learn_on)
-            ranks = ranking.rank_columns(q, db, params, columns)
-            for col, r in ranks.items():
-                full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
-                table[keys[(col, dim)]] = metrics.evaluate(
-                    full, gnd, protocol, num_database=len(dataset.db_paths)
+            if m in cache:
+                continue
+            cache[m] = describe(config, m, dataset)
+            results["timings"]["models"][m] = cache[m].info["seconds"]
+            results["stores"][m] = cache[m].info["stores"]
+            if cache[m].info["skipped"]:
+                results["skipped"][m] = cache[m].info["skipped"]
+            spec = _zoo_entry(config, m)
+            if not spec.get("file"):
+                results["notes"].append(
+                    f"{m}: randomly initialised weights (seed {spec['seed']}), not trained"
                 )
-                if (col, dim) == (columns[0], dims[0]):
-                    results["examples"][row] = {
-                        "column": keys[(col, dim)],
-                        "queries": q_kept[: config.output.top10_queries].tolist(),
-                        "ranks": full[: config.output.top10_queries, :10].tolist(),
-                    }
+        t0 = time.perf_counter()
+        table, examples = evaluate_row(
+            [cache[m] for m in members],
+            dataset,
+            dims=dims,
+            columns=columns,
+            params=params,
+            learn_on=config.whitening.learn_on,
+            top=config.output.top10_queries,
+        )
         results["models"][row] = table
-        results["timings"].setdefault(row, {})
-        results["timings"][row]["ranking"] = time.perf_counter() - t0
+        results["examples"][row] = examples
+        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
+        results["timings"]["rows"][row] = time.perf_counter() - t0
         logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
     results["timings"]["total"] = time.perf_counter() - start
     _write_report(config, dataset, results)
