@@ -1,0 +1,297 @@
+"""Report: paper-shaped tables from hand-made results, JSON/CSV round trips, PNG pictures.
+
+Expected tables are literal strings written from the rules in ``jretrieval.report``'s
+docstring (values to 2 decimals; best per column in Tables 1/2, ensembles ranked apart from
+single models, the upper bound not ranked; best per row in Table 3).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jretrieval import report
+from jretrieval.datasets import Dataset
+from jretrieval.datasets.demo import chance_map
+
+TABLE1 = {
+    "dataset": "toy",
+    "protocol": "classic",
+    "models": {
+        "a": {"G": {"mAP": 50.0}, "G+AQE": {"mAP": 61.234}},
+        "b": {"G": {"mAP": 52.5}, "G+AQE": {"mAP": 61.2345}},  # ties with a at 2 decimals
+        "a+b": {"G": {"mAP": 40.0}, "G+AQE": {"mAP": 41.0}},
+        "apgem": {"G": {"mAP": 90.0}},  # upper bound: never bold; G+AQE missing
+    },
+    "labels": {"a": "Model A", "b": "Model B", "a+b": "A+B", "apgem": "GeM (AP)"},
+    "notes": ["toy note"],
+}
+
+
+def test_table1_markdown_and_console():
+    md = report.format_markdown(TABLE1)
+    expected = "\n".join(
+        [
+            "## Table 1: toy, mAP (%)",
+            "",
+            "| Method | G | G+AQE |",
+            "| :-- | --: | --: |",
+            "| Model A | 50.00 | **61.23** |",
+            "| Model B | **52.50** | **61.23** |",
+            "| A+B | **40.00** | **41.00** |",
+            "| GeM (AP) | 90.00 | - |",
+            "",
+            "Best per column in bold.",
+        ]
+    )
+    assert expected in md
+    assert md.startswith("# toy: retrieval results\n\n> toy note\n")
+    console = report.format_table(TABLE1)
+    assert console == "\n".join(
+        [
+            "Table 1: toy, mAP (%)",
+            "Method        G   G+AQE",
+            "Model A   50.00   61.23*",
+            "Model B   52.50*  61.23*",
+            "A+B       40.00*  41.00*",
+            "GeM (AP)  90.00       -",
+            "",
+            "toy note",
+        ]
+    )
+
+
+def test_table1_column_order_follows_results_columns_and_paper_reference():
+    results = {
+        "dataset": "oxford5k",
+        "protocol": "classic",
+        "columns": ["G+DFS", "G"],
+        "models": {"baseline": {"G": {"mAP": 1.0}, "G+DFS": {"mAP": 2.0}}},
+    }
+    [ours, paper] = report.tables(results)
+    assert ours.header == ["Method", "G+DFS", "G"]
+    assert ours.rows == [("baseline", "baseline", [2.0, 1.0])]
+    assert paper.reference and "as published in the paper" in paper.title
+    assert paper.rows == [("baseline", "baseline", [74.29, 55.12])]  # paper Table 1, Oxford5k
+    assert len(report.tables(results, paper=False)) == 1
+    assert len(report.tables({**results, "dataset": "demo"})) == 1  # nothing published
+
+
+def test_table2_revisited_layout():
+    figures = {
+        f"{s}/{m}": 10.0 * i + j
+        for i, s in enumerate("EMH")
+        for j, m in enumerate(("mAP", "mP@1", "mP@5", "mP@10"))
+    }
+    results = {
+        "dataset": "roxford5k",
+        "protocol": "revisited",
+        "models": {"mocov2": {"G": figures}, "simclr2x": {"G": {k: 0.5 for k in figures}}},
+    }
+    [ours, paper] = report.tables(results)
+    assert ours.layout == "table2"
+    assert ours.header == ["Method", *report.TABLE2_METRICS]
+    assert ours.header[1:4] == ["E/mAP", "E/mP@5", "E/mP@10"]
+    assert ours.rows[0][2] == [0.0, 2.0, 3.0, 10.0, 12.0, 13.0, 20.0, 22.0, 23.0]
+    assert ours.bold[0] == [False] + [True] * 8  # 0.0 < 0.5 in the first column
+    assert paper.rows[0] == (
+        "mocov2",
+        "mocov2",
+        [52.69, 72.33, 65.86, 36.49, 67.24, 59.24, 10.72, 23.38, 18.67],
+    )
+    md = report.format_markdown(results)
+    assert "| mocov2 | 0.00 | **2.00** | **3.00** | **10.00** |" in md
+
+
+def test_table3_sweep_sorted_with_true_dim_last_and_bold_per_row():
+    results = {
+        "dataset": "toy",
+        "protocol": "classic",
+        "columns": ["512", "True dim.", "32", "2048"],
+        "models": {
+            "a": {"512": {"mAP": 5.0}, "True dim.": {"mAP": 9.0}, "32": {"mAP": 1.0}},
+            "b": {"512": {"mAP": 7.0}, "True dim.": {"mAP": 3.0}, "2048": {"mAP": 7.001}},
+        },
+    }
+    [table] = report.tables(results)
+    assert table.layout == "table3"
+    assert table.header == ["Method", "32", "512", "2048", "True dim."]
+    assert table.rows[0][2] == [1.0, 5.0, None, 9.0]
+    assert table.bold == [[False, False, False, True], [False, True, True, False]]
+    md = report.format_markdown(results)
+    assert "| b | - | **7.00** | **7.00** | 3.00 |" in md and "Best per row in bold." in md
+    # "<column> @ <dim>" keys: one Table 3 per ranking column; "none" is the no-PCA column
+    multi = {
+        "dataset": "oxford5k",
+        "protocol": "classic",
+        "models": {"baseline": {"G @ 64": {"mAP": 1.0}, "G @ none": {"mAP": 2.0}}},
+    }
+    ours, paper = report.tables(multi)
+    assert ours.title == "Table 3: oxford5k, G, mAP (%) by PCA-whitening dimension"
+    assert ours.header == ["Method", "64", "True dim."]
+    assert paper.rows == [("baseline", "baseline", [54.61, 58.47])]  # paper Table 3
+
+
+def test_bad_results_are_named():
+    with pytest.raises(ValueError, match="'models'"):
+        report.tables({"dataset": "x"})
+    with pytest.raises(ValueError, match=r"\['a'\]\['G'\]\['mAP'\]"):
+        report.tables({"dataset": "x", "models": {"a": {"G": {"mAP": "high"}}}})
+    with pytest.raises(ValueError, match="metric"):
+        report.tables({"dataset": "x", "models": {"a": {"G": 3.0}}})
+
+
+def test_write_report_round_trips_json_and_csv(tmp_path):
+    results = {
+        "dataset": "toy",
+        "protocol": "classic",
+        "models": {
+            "a": {"G": {"mAP": np.float32(12.345678)}, "G+AQE": {"mAP": float("nan")}},
+            "b+c": {"G": {"mAP": 1 / 3}},
+        },
+        "settings": {"whitening": {"dim": 512}, "dims": (32, None)},
+    }
+    paths = report.write_report(results, tmp_path / "out")
+    assert set(paths) == {"json", "csv", "markdown"}  # no sweep, no plot
+    back = report.read_csv(paths["csv"])
+    assert back == {
+        "dataset": "toy",
+        "models": {
+            "a": {"G": {"mAP": float(np.float32(12.345678))}, "G+AQE": {"mAP": None}},
+            "b+c": {"G": {"mAP": 1 / 3}},  # exact: values are written with repr
+        },
+    }
+    with open(paths["csv"]) as f:
+        assert f.readline() == "dataset,model,column,metric,value\n"
+    saved = report.read_json(paths["json"])
+    assert saved["models"]["a"]["G+AQE"]["mAP"] is None  # NaN -> null (strict JSON)
+    assert saved["models"]["b+c"]["G"]["mAP"] == 1 / 3
+    assert saved["settings"] == {"whitening": {"dim": 512}, "dims": [32, None]}
+    with open(paths["markdown"]) as f:
+        assert "| b+c | **0.33** | - |" in f.read()
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.csv", "results.json", "table.md"]
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = str(tmp_path / "results.json")
+    report._write_atomic(path, lambda f: f.write("old"))
+
+    def broken(f):
+        f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        report._write_atomic(path, broken)
+    assert open(path).read() == "old"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def _sweep():
+    dims = ["32", "64", "128", "none"]
+    return {
+        "dataset": "toy",
+        "protocol": "classic",
+        "models": {
+            m: {d: {"mAP": 10.0 * k + i} for i, d in enumerate(dims)} for k, m in enumerate("ab")
+        },
+    }
+
+
+def test_dimension_sweep_plot_is_a_png_of_the_requested_size(tmp_path):
+    paths = report.write_report(_sweep(), tmp_path)
+    with Image.open(paths["plot"]) as im:
+        assert im.format == "PNG" and im.size == (640, 400)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 10  # something was drawn
+    small = report.plot_dimension_sweep(_sweep(), tmp_path / "s.png", size=(320, 240))
+    with Image.open(small) as im:
+        assert im.size == (320, 240)
+    with pytest.raises(ValueError, match="no Table 3 sweep"):
+        report.plot_dimension_sweep(TABLE1, tmp_path / "x.png")
+
+
+def test_dimension_sweep_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        report.plot_dimension_sweep(_sweep(), tmp_path / "x.png")
+    paths = report.write_report(_sweep(), tmp_path)  # plot=None: warns, writes the rest
+    assert "plot" not in paths and os.path.isfile(paths["markdown"])
+    with pytest.raises(ImportError):
+        report.write_report(_sweep(), tmp_path, plot=True)
+
+
+COLOURS = [(250, 200, 0), (0, 200, 250), (120, 0, 200), (255, 128, 128), (30, 30, 30)]
+
+
+def _images(folder, n):
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"im{i}.jpg")
+        Image.new("RGB", (60 + 10 * i, 40), COLOURS[i % len(COLOURS)]).save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def _cell_origin(i, t, thumb):
+    cell = thumb + 8
+    x = 8 + t * (cell + 4) + (16 - 4 if t > 0 else 0)
+    return x, 8 + i * (cell + 4)
+
+
+def test_top_results_picture_marks_positives_negatives_and_junk(tmp_path):
+    db = _images(tmp_path, 5)
+    queries = db[:2]
+    ranks = np.array([[0, 3, 1, 4], [2, 1, 0, 3]])
+    gnd = [
+        {"ok": np.array([0, 1]), "junk": np.array([3]), "bbx": (2, 2, 15, 15)},
+        {"easy": np.array([2]), "hard": np.array([0]), "junk": np.array([], np.int64)},
+    ]
+    path = report.plot_top_results(queries, db, ranks, gnd, tmp_path / "top.png", k=3, thumb=32)
+    # width 2*8 + 4 cells of 40 + 16 (after the query) + 2*4; height 2*8 + 2*40 + 4
+    assert report.top_results_size(2, 3, 32) == (200, 100)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (200, 100)
+        px = np.asarray(im.convert("RGB"))
+    expected = [
+        [report.QUERY, report.POSITIVE, report.JUNK, report.POSITIVE],
+        [report.QUERY, report.POSITIVE, report.NEGATIVE, report.POSITIVE],
+    ]
+    for i, row in enumerate(expected):
+        for t, colour in enumerate(row):
+            x, y = _cell_origin(i, t, 32)
+            assert tuple(px[y + 1, x + 1]) == colour, (i, t)
+            image_index = i if t == 0 else ranks[i, t - 1]
+            centre = px[y + 4 + 16, x + 4 + 16].astype(int)
+            # the thumbnail shows the image (JPEG: within a few levels); the query's box is
+            # drawn in its corner region, not the centre
+            assert np.abs(centre - COLOURS[image_index]).max() <= 8, (i, t)
+    with pytest.raises(ValueError, match="outside"):
+        report.plot_top_results(queries, db[:2], ranks, gnd, tmp_path / "x.png", k=3)
+    with pytest.raises(ValueError, match="k=5"):
+        report.plot_top_results(queries, db, ranks, gnd, tmp_path / "x.png", k=5)
+
+
+def test_write_adds_chance_pictures_and_summary(tmp_path):
+    db = _images(tmp_path, 5)
+    gnd = [{"ok": np.array([0, 1]), "junk": np.array([4])}, {"ok": np.array([2])}]
+    dataset = Dataset("toy", str(tmp_path), db, db[:2], None, gnd, "classic")
+    results = {
+        "dataset": "toy",
+        "protocol": "classic",
+        "models": {"a": {"G": {"mAP": 55.0}}},
+        "examples": {"a": {"column": "G", "queries": [1, 0], "ranks": [[2, 0, 1], [0, 1, 4]]}},
+    }
+    paths = report.write(results, tmp_path / "out", dataset=dataset)
+    assert results["chance"]["metric"] == "mAP"
+    assert results["chance"]["value"] == pytest.approx(chance_map(gnd, 5))
+    assert results["summary"] == report.format_table(results)
+    assert "Chance level (expected mAP of a random ranking)" in results["summary"]
+    with Image.open(paths["top10/a"]) as im:
+        assert im.size == report.top_results_size(2, 3, 128)
+    saved = report.read_json(paths["json"])
+    assert math.isclose(saved["chance"]["value"], results["chance"]["value"])
