@@ -33,10 +33,12 @@ barrier, then every process removes its part file. We chose the all-gather over 
 writes a part, process 0 merges" because it needs no shared filesystem for the descriptors: only
 the final ``store`` path must be visible to every process when it is to be *reused* (whether it
 exists is decided by process 0 and broadcast, so all processes take the same branch).
-Recalibration across processes (``recalibrate_bn``, mode ``"exact"``) likewise runs each
-process's slice locally and merges the per-process population statistics exactly (counts, means,
-variances gathered as float64 bit patterns); ``"pytorch"`` mode is sequential by definition
-(a running average over batches), so every process then runs all batches itself.
+Recalibration across processes (``recalibrate_images``) keeps the single-process batches:
+every process computes the same batch plan and decodes only its rows of each batch, which
+form one global array sharded over all devices, so the statistics are those of the global
+batch (all-reduced across processes) in both ``"exact"`` and ``"pytorch"`` mode. (Merging
+per-process population statistics would not do: a BatchNorm's inputs in training mode depend
+on the earlier layers' *batch* statistics, so the batches themselves must be the same.)
 """
 
 from __future__ import annotations
@@ -47,12 +49,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -183,6 +182,10 @@ def shard_batch(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf of ``tree`` replicated on every device of ``mesh``."""
+    if jax.process_count() > 1:
+        return multihost_utils.host_local_array_to_global_array(
+            jax.tree.map(np.asarray, tree), mesh, P()
+        )
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
 
@@ -234,33 +237,6 @@ def _place_batches(batches: Iterable[Any], mesh: Mesh) -> Iterator[Any]:
         yield batch._replace(images=placed) if hasattr(batch, "_replace") else placed
 
 
-def _bn_counts(module: nn.Module, variables: Any, shape: tuple[int, ...]) -> dict[tuple, int]:
-    """Values each BatchNorm normalises per channel for an input batch of ``shape``."""
-
-    def run(v: Any, x: jax.Array) -> Any:
-        _, state = module.apply(
-            v,
-            x,
-            train=True,
-            mutable=["batch_stats", "intermediates"],
-            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.BatchNorm),
-        )
-        return state.get("intermediates", {})
-
-    out = jax.eval_shape(run, variables, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return {
-        path[:-1]: int(np.prod(o[0].shape[:-1]))
-        for path, o in traverse_util.flatten_dict(out).items()
-    }
-
-
-def _allgather_f64(x: np.ndarray) -> np.ndarray:
-    """``[...]`` float64 from every process -> ``[P, ...]``, bit-exact (sent as uint32 pairs)."""
-    bits = np.ascontiguousarray(x, np.float64).view(np.uint32)
-    out = np.asarray(multihost_utils.process_allgather(bits))
-    return out.view(np.float64).reshape(out.shape[0], *x.shape)
-
-
 def recalibrate_bn(
     encoder: Any,
     batches: Iterable[Any],
@@ -271,74 +247,107 @@ def recalibrate_bn(
 ) -> Any:
     """``extract.recalibrate_bn`` with each batch sharded over ``mesh`` (global batch stats).
 
-    With several processes each passes the batches of its own images (``process_slice`` of the
-    list) and, in ``"exact"`` mode, the per-process population statistics are merged exactly
-    (law of total variance, in float64); ``"pytorch"`` mode needs every process to pass *all*
-    batches (a running average is sequential). Other keyword arguments go to
-    ``extract.recalibrate_bn``.
+    Single process only (the batches are host arrays of this process); with several processes
+    use ``recalibrate_images``, which gives every process its rows of each global batch. Other
+    keyword arguments go to ``extract.recalibrate_bn``.
     """
     if mesh is None:
         return extract_lib.recalibrate_bn(encoder, batches, mode=mode, **kwargs)
-    multi = jax.process_count() > 1
-    place_mesh = local_mesh(mesh) if multi else mesh
-    replicated = _with_variables(encoder, replicate(encoder.variables, place_mesh))
-    if not (multi and mode == "exact"):
-        out = extract_lib.recalibrate_bn(
-            replicated, _place_batches(batches, place_mesh), mode=mode, **kwargs
+    if jax.process_count() > 1:
+        raise ValueError(
+            "recalibrate_bn(batches) runs on one process; with several processes call "
+            "recalibrate_images(encoder, paths, ...) so each decodes its rows of every batch"
         )
-        return _with_variables(out, jax.tree.map(np.asarray, out.variables))
+    replicated = _with_variables(encoder, replicate(encoder.variables, mesh))
+    out = extract_lib.recalibrate_bn(replicated, _place_batches(batches, mesh), mode=mode, **kwargs)
+    return _with_variables(out, jax.tree.map(np.asarray, out.variables))
 
-    # Multi-process exact mode: local population statistics, then an exact merge.
-    shapes: dict[tuple, int] = {}
 
-    def counted(items: Iterable[Any]) -> Iterator[Any]:
-        for batch in items:
-            images = getattr(batch, "images", batch)
-            if len(images):
-                shapes[tuple(images.shape)] = shapes.get(tuple(images.shape), 0) + 1
-            yield batch
+def _process_rows(b: int, mesh: Mesh) -> tuple[int, int]:
+    """This process's rows ``[lo, hi)`` of a global batch of ``b`` images."""
+    size = mesh_size(mesh)
+    if b % size:
+        sl = process_slice(b)
+        return sl.start, sl.stop
+    mine = [j for j, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError(f"process {jax.process_index()}'s devices are not contiguous in the mesh")
+    per = b // size
+    return mine[0] * per, (mine[-1] + 1) * per
 
-    stats = encoder.variables["batch_stats"]
-    try:
-        local = extract_lib.recalibrate_bn(
-            replicated, _place_batches(counted(batches), place_mesh), mode=mode, **kwargs
-        )
-        local_stats = local.variables["batch_stats"]
-    except ValueError as err:
-        if shapes:
-            raise
-        logging.info("process %d had no images to recalibrate on (%s)", jax.process_index(), err)
-        local_stats = stats
-    module = encoder.module.clone(bn_momentum=0.0)
-    layers = traverse_util.flatten_dict(stats)
-    names = sorted({path[:-1] for path in layers})
-    counts = dict.fromkeys(names, 0)
-    for shape, times in shapes.items():
-        for name, c in _bn_counts(module, encoder.variables, shape).items():
-            if name in counts:
-                counts[name] += c * times
-    flat_local = traverse_util.flatten_dict(jax.tree.map(np.asarray, local_stats))
-    widths = [flat_local[(*n, "mean")].size for n in names]
-    packed = np.concatenate(
-        [np.concatenate([[counts[n]], flat_local[(*n, "mean")], flat_local[(*n, "var")]])
-         for n in names]
-    )  # fmt: skip
-    everyone = _allgather_f64(packed)  # [P, sum(1 + 2 C)]
-    offsets = np.cumsum([0] + [1 + 2 * w for w in widths])
-    gathered = {n: everyone[:, offsets[i] : offsets[i + 1]] for i, n in enumerate(names)}
-    merged = {}
-    for n, rows in gathered.items():
-        c = rows.shape[1] // 2
-        cnt, means, vars_ = rows[:, 0], rows[:, 1 : 1 + c], rows[:, 1 + c :]
-        total = cnt.sum()
-        if total == 0:
-            raise ValueError(f"recalibrate_bn: no images reached BatchNorm {'/'.join(n)}")
-        mean = (cnt[:, None] * means).sum(0) / total
-        var = (cnt[:, None] * (vars_ + (means - mean) ** 2)).sum(0) / total
-        merged[(*n, "mean")] = np.asarray(mean, np.float32)
-        merged[(*n, "var")] = np.asarray(var, np.float32)
-    new_stats = traverse_util.unflatten_dict(merged)
-    return _with_variables(encoder, {**encoder.variables, "batch_stats": new_stats})
+
+def _global_batches(
+    paths: Sequence[str], plan: Sequence[tuple[Any, np.ndarray]], mesh: Mesh, **kwargs: Any
+) -> Iterator[images_lib.Batch]:
+    """The planned batches as global arrays: each process decodes only its rows."""
+    axis = _axis(mesh)
+    bounds = [_process_rows(len(idx), mesh) for _, idx in plan]
+    local_plan = [(shape, idx[lo:hi]) for (shape, idx), (lo, hi) in zip(plan, bounds, strict=True)]
+    local = images_lib.iterate_batches(paths, plan=local_plan, batch_size=1, **kwargs)
+    for (_, idx), (lo, hi), batch in zip(plan, bounds, local, strict=True):
+        counts = np.asarray(
+            multihost_utils.process_allgather(np.asarray([len(batch.indices), hi - lo], np.int64))
+        ).reshape(-1, 2)
+        if (counts[:, 0] == counts[:, 1]).all() and len(idx) % mesh_size(mesh) == 0:
+            images = multihost_utils.host_local_array_to_global_array(batch.images, mesh, P(axis))
+            yield images_lib.Batch(idx, images)
+            continue
+        # An image failed or the batch does not split evenly: every process gets the whole
+        # batch (gathered) and the devices compute it replicated, as on one process.
+        indices = allgather_rows(np.asarray(batch.indices, np.int64))
+        images = allgather_rows(np.asarray(batch.images))
+        failed = [tuple(f) for part in _allgather_json([list(f) for f in batch.failed])
+                  for f in part]  # fmt: skip
+        order = np.argsort(indices, kind="stable")
+        indices, images = indices[order], images[order]
+        if len(indices):
+            images = multihost_utils.host_local_array_to_global_array(images, mesh, P())
+        yield images_lib.Batch(indices, images, tuple(sorted(failed)))
+
+
+def recalibrate_images(
+    encoder: Any,
+    paths: Sequence[str],
+    *,
+    mesh: Mesh | None = None,
+    policy: images_lib.ResizePolicy | Mapping[str, Any],
+    batch_size: int = 16,
+    bbx: Sequence[Any] | None = None,
+    skip_corrupt: bool = False,
+    num_threads: int | None = None,
+    prefetch: int = 2,
+    mode: str = "exact",
+    **kwargs: Any,
+) -> Any:
+    """BN recalibration over the images ``paths``, data-parallel over ``mesh`` and processes.
+
+    Every process computes the same batch plan (``images.plan_batches``: the single-process
+    batches) and decodes only its rows of each batch; the batch is one global array sharded
+    over all devices, so each BatchNorm's statistics are those of the global batch (all-reduced
+    across processes) and the result equals one process's, in ``"exact"`` and ``"pytorch"``
+    mode alike. A batch with an unreadable image or a size that is not a multiple of the device
+    count is gathered and computed replicated. Other keyword arguments (``momentum``) go to
+    ``extract.recalibrate_bn``.
+    """
+    load_kw = dict(bbx=bbx, policy=policy, skip_corrupt=skip_corrupt, num_threads=num_threads,
+                   prefetch=prefetch)  # fmt: skip
+    if jax.process_count() == 1:
+        batches = images_lib.iterate_batches(paths, batch_size=batch_size, **load_kw)
+        return recalibrate_bn(encoder, batches, mesh=mesh, mode=mode, total=len(paths), **kwargs)
+    mesh = make_mesh() if mesh is None else mesh
+    plan = images_lib.plan_batches(paths, bbx=bbx, policy=policy, batch_size=batch_size)
+    variables = multihost_utils.host_local_array_to_global_array(
+        jax.tree.map(np.asarray, encoder.variables), mesh, P()
+    )
+    out = extract_lib.recalibrate_bn(
+        _with_variables(encoder, variables),
+        _global_batches(paths, plan, mesh, **load_kw),
+        mode=mode,
+        total=len(paths),
+        **kwargs,
+    )
+    stats = jax.tree.map(to_host, out.variables["batch_stats"])
+    return _with_variables(encoder, {**encoder.variables, "batch_stats": stats})
 
 
 # ------------------------------------------------------------------------- multi-host extraction
@@ -352,6 +361,8 @@ def allgather_rows(rows: np.ndarray, *, block: int = GATHER_ROWS) -> np.ndarray:
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int32)))
     sizes = sizes.reshape(-1)
     longest = int(sizes.max())
+    if longest == 0:
+        return rows[:0]
     parts: list[list[np.ndarray]] = [[] for _ in sizes]
     for start in range(0, longest, block):
         stop = min(start + block, longest)

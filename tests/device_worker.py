@@ -1,0 +1,214 @@
+"""Worker processes for tests/test_distributed.py and tests/test_multihost.py.
+
+Run from the repository root, never by pytest itself:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.device_worker sharded DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python -m tests.device_worker multihost DIR PROCESS_ID NUM_PROCESSES PORT
+
+``sharded`` reads ``DIR/inputs.npz`` (descriptor sets written by the test) and the images in
+``DIR/images``, runs every sharded stage on the 4-device mesh and writes ``DIR/sharded.npz``.
+``multihost`` joins a ``jax.distributed`` job on ``127.0.0.1:PORT`` (CPU collectives over gloo),
+recalibrates and extracts its share of ``DIR/images`` and writes ``DIR/process<ID>.npz``.
+
+The shared pieces (the tiny encoder, the images, the extraction settings) are defined here so the
+test process computes its single-device references with exactly the same objects.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jretrieval.models import Encoder
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+POLICY = {"mode": "max_side", "size": 20}
+EXTRACT_KW = {"policy": POLICY, "pooling": "mac", "batch_size": 3, "skip_corrupt": True}
+BATCH_RECAL = 4
+RECAL_KW = {"policy": POLICY, "batch_size": BATCH_RECAL, "skip_corrupt": True}
+
+
+class TinyNet(nn.Module):
+    """conv/2 + BN + ReLU (8 ch), conv + BN + ReLU (16 ch): ``[B, H, W, 3] -> [B, h, w, 16]``."""
+
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        x = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv1")(x)
+        x = nn.BatchNorm(not train, momentum=self.bn_momentum, epsilon=1e-5, name="bn1")(x)
+        x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(nn.relu(x))
+        x = nn.BatchNorm(not train, momentum=self.bn_momentum, epsilon=1e-5, name="bn2")(x)
+        return nn.relu(x), {}
+
+
+def encoder() -> Encoder:
+    module = TinyNet()
+    variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    return Encoder(module, dict(variables), {"name": "tiny"}, {"mean": MEAN, "std": STD}, {})
+
+
+def make_images(folder: str, n: int = 13) -> list[str]:
+    """``n`` random PNGs of three sizes (two shape buckets under ``POLICY``); image 5 corrupt."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sizes = ((24, 32), (32, 24), (20, 20), (30, 40))
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"im{i:02d}.png")
+        if i == 5:
+            with open(path, "wb") as f:
+                f.write(b"not a png")
+        else:
+            h, w = sizes[i % len(sizes)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def image_paths(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
+
+
+def recal_batches(paths: list[str]):
+    from jretrieval.datasets import images as im
+
+    return im.iterate_batches(paths, **RECAL_KW)
+
+
+def _stats(enc: Encoder) -> dict[str, np.ndarray]:
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(enc.variables["batch_stats"])
+    return {"stats/" + "/".join(k): np.asarray(v) for k, v in flat.items()}
+
+
+# ----------------------------------------------------------------------------- sharded
+
+
+def run_sharded(folder: str) -> None:
+    from jretrieval import distributed as dist
+    from jretrieval import sharded
+
+    mesh = dist.make_mesh()
+    assert mesh.devices.size == 4, jax.devices()
+    inp = dict(np.load(os.path.join(folder, "inputs.npz")))
+    out: dict[str, np.ndarray] = {}
+    q, db = inp["queries"], inp["database"]
+
+    # search: default blocks, small blocks (scan), k larger than a shard, full ranking
+    for tag, bs in (("big", 16384), ("small", 7)):
+        s, i = sharded.topk(q, db, 10, mesh=mesh, block_size=bs)
+        out[f"topk_{tag}_s"], out[f"topk_{tag}_i"] = np.asarray(s), np.asarray(i)
+    small = inp["small"]
+    out["topk_small_db_i"] = np.asarray(sharded.topk(q[:, :8], small, 8, mesh=mesh)[1])
+    out["rank_full"] = np.asarray(sharded.rank(q, db, mesh=mesh))
+    out["rank_k"] = np.asarray(sharded.rank(q, db, 25, mesh=mesh, block_size=16))
+    # kNN ring, also with exact duplicates (ties across shards)
+    for tag, x in (("db", db), ("dup", inp["dup"])):
+        s, i = sharded.knn(x, 12, mesh=mesh, block_size=16, query_block=10)
+        out[f"knn_{tag}_s"], out[f"knn_{tag}_i"] = s.to_numpy(), i.to_numpy()
+    out["knn_self_i"] = sharded.knn(db, 9, mesh=mesh, self_first=True)[1].to_numpy()
+    # expansion
+    out["aqe0"] = np.asarray(sharded.aqe(q, db, 10, mesh=mesh))
+    out["aqe3"] = np.asarray(sharded.aqe(q, db, 7, 3.0, mesh=mesh, block_size=16))
+    out["dba0"] = sharded.dba(db, 20, mesh=mesh).to_numpy()
+    out["dba3"] = sharded.dba(db, 5, 3.0, mesh=mesh, block_size=16, query_block=10).to_numpy()
+    out["dba_dup"] = sharded.dba(inp["dup"], 3, mesh=mesh, block_size=16).to_numpy()
+    aug = sharded.dba(db, 20, mesh=mesh)  # Sharded output feeds the next stage unchanged
+    out["dba_then_rank"] = np.asarray(sharded.rank(q, aug, 10, mesh=mesh))
+    # diffusion
+    g = inp["graph"]
+    off = sharded.offline(g, mesh=mesh, truncation=60, kd=10, block_size=32, query_block=24)
+    out["off_i"], out["off_v"] = np.asarray(off.indices), np.asarray(off.values)
+    gq = inp["graph_queries"]
+    for mode in ("joint", "online"):
+        out[f"dfs_{mode}"] = np.asarray(
+            sharded.diffusion_rank(gq, g, mesh=mesh, truncation=60, kd=10, kq=5, mode=mode)
+        )
+    # structure: the ring uses collective-permute and holds no N x N matrix
+    n_big = 2048
+    big = np.random.default_rng(1).standard_normal((n_big, 32)).astype(np.float32)
+    shards = sharded.shard_rows(big, mesh)
+    lowered = sharded._knn_impl.lower(
+        shards.array, mesh=mesh, k=8, n=n_big, block_size=64, query_block=64, self_first=False
+    )
+    hlo = lowered.compile().as_text()
+    out["ring_permutes"] = np.asarray(hlo.count("collective-permute"))
+    mem = lowered.compile().memory_analysis()
+    out["ring_temp_bytes"] = np.asarray(-1 if mem is None else mem.temp_size_in_bytes)
+
+    # data-parallel extraction and BN recalibration
+    from jretrieval import extract as ex
+
+    enc = encoder()
+    paths = image_paths(os.path.join(folder, "images"))
+    step = dist.make_step(enc, mesh, pooling="mac")
+    probe = step(np.zeros((4, 20, 16, 3), np.uint8))
+    out["step_devices"] = np.asarray(len(probe.sharding.device_set))
+    desc, rep = dist.extract(enc, paths, mesh=mesh, **EXTRACT_KW)
+    out["extract"], out["extract_kept"] = desc, rep["kept"]
+    out["extract_shapes"] = np.asarray(rep["shapes"])
+    rec = dist.recalibrate_bn(enc, recal_batches(paths), mesh=mesh, mode="exact")
+    out.update({f"exact/{k}": v for k, v in _stats(rec).items()})
+    rec = dist.recalibrate_images(enc, paths, mesh=mesh, mode="pytorch", **RECAL_KW)
+    out.update({f"pytorch/{k}": v for k, v in _stats(rec).items()})
+    out["recal_extract"] = dist.extract(rec, paths, mesh=mesh, **EXTRACT_KW)[0]
+    del ex
+    np.savez(os.path.join(folder, "sharded.npz"), **out)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -> None:
+    from jretrieval import distributed as dist
+
+    dist.initialize(
+        True,
+        coordinator_address=f"127.0.0.1:{port}",
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=60,
+    )
+    assert jax.process_count() == num_processes and jax.process_index() == process_id
+    mesh = dist.make_mesh()
+    enc = encoder()
+    paths = image_paths(os.path.join(folder, "images"))
+    recs = {m: dist.recalibrate_images(enc, paths, mesh=mesh, mode=m, **RECAL_KW)
+            for m in ("exact", "pytorch")}  # fmt: skip
+    rec = recs["exact"]
+    store = os.path.join(folder, "store.h5")
+    desc, rep = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
+    again, rep2 = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
+    out = {
+        "extract": desc,
+        "kept": rep["kept"],
+        "skipped": np.asarray([s[0] for s in rep["skipped"]]),
+        "slice": np.asarray([len(paths[dist.process_slice(len(paths))])]),
+        "again": again,
+        "reused": np.asarray(rep2["reused"]),
+        **{f"{m}/{k}": v for m, r in recs.items() for k, v in _stats(r).items()},
+    }
+    np.savez(os.path.join(folder, f"process{process_id}.npz"), **out)
+    jax.distributed.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    if argv[1] == "sharded":
+        run_sharded(argv[2])
+    elif argv[1] == "multihost":
+        run_multihost(argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+    else:
+        raise SystemExit(f"unknown command {argv[1]!r}; expected sharded or multihost")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
