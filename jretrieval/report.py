@@ -261,7 +261,7 @@ def _number(value: Any) -> float | None:
 # ------------------------------------------------------------------------------ tables
 
 
-def _split_column(key: str, column_dims: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def _split_column(key: str) -> tuple[str | None, str | None]:
     """``(ranking column, dim name)`` of a column key; dim ``None`` for plain ranking columns."""
     if " @ " in key:
         col, dim = key.rsplit(" @ ", 1)
@@ -270,9 +270,6 @@ def _split_column(key: str, column_dims: Mapping[str, Any]) -> tuple[str | None,
         return None, "none"
     if key.isdigit():
         return None, key
-    if key in column_dims and len(set(map(str, column_dims.values()))) > 1:
-        dim = column_dims[key]
-        return key, "none" if dim is None else str(dim)
     return key, None
 
 
@@ -364,10 +361,9 @@ def tables(results: Mapping[str, Any], *, paper: bool = True) -> list[Table]:
     models = results["models"]
     keys = list(models)
     labels = [_label(results, k) for k in keys]
-    column_dims = results.get("column_dims") or {}
     plain, sweeps = [], {}
     for key in _columns(results):
-        col, dim = _split_column(key, column_dims)
+        col, dim = _split_column(key)
         if dim is None:
             plain.append(key)
         else:
@@ -384,7 +380,6 @@ def tables(results: Mapping[str, Any], *, paper: bool = True) -> list[Table]:
             values = [[value(r, col, m) for m in shown] for r in keys]
             title = f"Table 2: {dataset}, {col}, Easy (E) / Medium (M) / Hard (H), percent"
             out.append(_make("table2", title, ["Method", *shown], keys, labels, values))
-            out[-1] = out[-1]._replace(header=["Method", *shown])
             paper_cols = list(shown) if col == "G" else []
             ref = _paper_table(out[-1], dataset, paper_cols) if paper else None
             out += [ref] if ref else []
@@ -724,8 +719,7 @@ def plot_dimension_sweep(
             f"found: {_columns(results)}"
         )
     metric = metric or headline_metric(results.get("protocol"))
-    column_dims = results.get("column_dims") or {}
-    keys = [(k, _split_column(k, column_dims)) for k in _columns(results)]
+    keys = [(k, _split_column(k)) for k in _columns(results)]
     first = next(col for _, (col, dim) in keys if dim is not None)
     points = [(dim, k) for k, (col, dim) in keys if dim is not None and col == first]
     fig = _matplotlib_figure(size[0] / 100, size[1] / 100, 100)
