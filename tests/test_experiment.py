@@ -14,6 +14,7 @@ the same sums of the same fractions.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -252,13 +253,21 @@ def test_every_column_matches_a_numpy_pipeline(tmp_path, tiny_zoo):
     assert max(figures) > chance  # not a degenerate run
     assert len(set(np.round(figures, 6))) > 1  # the columns do differ
 
-    # The report's JSON holds the same numbers.
+    # The report's JSON, CSV and Markdown table hold the same numbers.
     out = os.path.join(config.workdir, "results")
-    jsons = [f for f in os.listdir(out) if f.endswith(".json")]
-    assert jsons, os.listdir(out)
-    with open(os.path.join(out, jsons[0])) as f:
+    with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    assert saved["models"]["tiny_a"]["G+DBA+AQE+DFS"]["mAP"] == pytest.approx(figures[-1])
+    with open(os.path.join(out, "results.csv"), newline="") as f:
+        rows = {
+            (r["model"], r["column"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)
+        }
+    with open(os.path.join(out, "table.md")) as f:
+        markdown = f.read()
+    for column, value in zip(common.COLUMNS, figures, strict=True):
+        assert saved["models"]["tiny_a"][column]["mAP"] == pytest.approx(value, abs=1e-9)
+        assert rows[("tiny_a", column, "mAP")] == pytest.approx(value, abs=1e-9)
+        assert f"{value:.2f}" in markdown
+    assert "randomly initialised" in markdown
 
     # A second run reuses the BN statistics and the descriptor stores and agrees exactly.
     mtimes = {p: os.path.getmtime(p) for p in stores.values()}
