@@ -22,9 +22,9 @@ ranking columns, mAP. **Table 2** (revisited protocol, one per ranking column): 
 Easy / Medium / Hard x mAP, mP@5, mP@10. **Table 3** (sweep): rows = models, columns = PCA
 dimensions and "True dim.", the headline metric (mAP; M/mAP for the revisited protocol), best
 per row in bold. In Tables 1 and 2 the best value of each column is bold, single models and
-ensembles (``"a+b"`` rows) ranked separately and the fine-tuned upper bound (``apgem``) not
-ranked, as in the paper. Where the paper published figures for the same dataset and rows, they
-follow each table, labelled as such (``PAPER``).
+ensembles (``"a+b"`` rows) ranked separately (a group with one value has no best) and the
+fine-tuned upper bound (``apgem``) not ranked, as in the paper. Where the paper published
+figures for the same dataset and rows, they follow each table, labelled as such (``PAPER``).
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def _label(results: Mapping[str, Any], row: str) -> str:
 
 
 def _bold_by_column(keys: Sequence[str], values: list[list[float | None]]) -> list[list[bool]]:
-    """Best of each column, single models and ensembles ranked separately."""
+    """Best of each column, single models and ensembles ranked separately (2+ values)."""
     bold = [[False] * len(v) for v in values]
     groups: dict[bool, list[int]] = {}
     for i, key in enumerate(keys):
@@ -299,7 +299,7 @@ def _bold_by_column(keys: Sequence[str], values: list[list[float | None]]) -> li
     for members in groups.values():
         for j in range(len(values[0]) if values else 0):
             column = [(round(values[i][j], 2), i) for i in members if values[i][j] is not None]
-            if column:
+            if len(column) > 1:  # a lone value is not "the best"
                 best = max(v for v, _ in column)
                 for v, i in column:
                     bold[i][j] = v == best
