@@ -26,8 +26,8 @@ function of ``seed`` and the parameters (one NumPy generator per image, keyed by
 Default size: 12 instances x (1 query + 5 views + 1 junk) + 8 x 4 distractors = 12 queries and
 104 database images (per query 5 positives and 1 junk; 32 distractors); built in about 2 s.
 Its chance level (the expected mAP of a random ranking, ``chance_map``) is 6.82%. Measured
-with a randomly initialised ResNet-50 (exact BN recalibration, 362x362, seed 0): R-MAC 30.8%
-mAP (35.9% PCA-whitened to 32 dims), SPoC 38.9%, MAC 23.1%.
+with ``configs/demo.py`` (a randomly initialised ResNet-50, exact BN recalibration, 362x362,
+R-MAC, PCA-whitening to 64 dims): global search 36.08% mAP, 5.3 times chance.
 """
 
 from __future__ import annotations
