@@ -149,7 +149,8 @@ def _apply_impl(w: PCAWhitening, x: jax.Array, dim: int) -> jax.Array:
     x = _float(x)
     evals = w.eigenvalues[:dim]
     scale = jnp.where(evals > 0, lax.rsqrt(jnp.where(evals > 0, evals, 1.0)), 0.0)
-    y = jnp.matmul(x - w.mean, w.projection[:, :dim], precision=_HIGHEST) * scale
+    # Scaling the [D, dim] projection once is cheaper than scaling the [N, dim] result.
+    y = jnp.matmul(x - w.mean, w.projection[:, :dim] * scale, precision=_HIGHEST)
     return y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6)
 
 

@@ -155,3 +155,16 @@ def test_non_finite_values(bad):
 def test_bad_block_size():
     with pytest.raises(ValueError, match="block_size"):
         search.topk(np.ones((2, 4)), np.ones((5, 4)), 2, block_size=0)
+
+
+def test_both_full_sort_paths_agree():
+    # rank(k=None) sorts with NumPy on CPU and with lax.top_k elsewhere; both must give the
+    # stable descending order, rows with and without ties.
+    rng = np.random.default_rng(9)
+    s = rng.standard_normal((4, 50)).astype(np.float32)
+    s[1, [3, 17, 40]] = 2.5  # a three-way tie at the top
+    s[2, ::2] = 0.0  # many ties
+    expected = np.argsort(-s, axis=1, kind="stable")
+    np.testing.assert_array_equal(search._host_argsort_desc(s), expected)
+    np.testing.assert_array_equal(np.asarray(search._argsort_desc_xla(jnp.asarray(s))), expected)
+    np.testing.assert_array_equal(search._host_argsort_desc(s[None]), expected[None])
