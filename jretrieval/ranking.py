@@ -217,34 +217,26 @@ def rank_columns(
             memo[key] = fn()
         return memo[key]
 
-    def dba(k: int) -> Any:
-        if k == 0:
-            return ("db",), database
+    def augmented(k: int) -> tuple[tuple, Any]:
+        """The DBA'd database (``k`` neighbours) and its memo key."""
         key = ("dba", k, params.dba_alpha)
-        return key, cached(
-            key,
-            lambda: expansion.dba(
-                database, k=k, alpha=params.dba_alpha, block_size=params.block_size
-            ),
+        fn = functools.partial(
+            expansion.dba, database, k=k, alpha=params.dba_alpha, block_size=params.block_size
         )
+        return key, cached(key, fn)
 
     out: dict[str, jax.Array] = {}
     for name in names:
         spec = SPECS[name]
         both = spec.dba and spec.aqe
-        db_key, db = (
-            dba(params.combined_dba_k if both else params.dba_k)
-            if spec.dba
-            else (
-                ("db",),
-                database,
-            )
-        )
+        db_key, db = ("db",), database
+        if spec.dba:
+            db_key, db = augmented(params.combined_dba_k if both else params.dba_k)
         q_key, q = ("q",), queries
         if spec.aqe:
             k = params.combined_aqe_k if both else params.aqe_k
             q_key = ("aqe", db_key, k, params.aqe_alpha)
-            expand = functools.partial(
+            fn = functools.partial(
                 expansion.aqe,
                 queries,
                 db,
@@ -252,7 +244,7 @@ def rank_columns(
                 alpha=params.aqe_alpha,
                 block_size=params.block_size,
             )
-            q = cached(q_key, expand)
+            q = cached(q_key, fn)
         if spec.dfs:
             kwargs = _clip_diffusion(params.diffusion, n_db, q_n)
             ranks = cached(
