@@ -16,9 +16,11 @@ Definitions (issue 2):
 * ``k = 0`` returns the L2-normalised input.
 
 L2 is ``x / (||x|| + 1e-6)`` (``jretrieval.whitening.l2_normalize``). Neighbours come from
-``jretrieval.search.topk`` (ties: lower index first), so memory is bounded by the database
-block size. ``k`` is static; ``alpha`` may be traced. The public functions validate their
-inputs eagerly (shapes always, NaN/inf on concrete arrays) and call jitted implementations.
+``jretrieval.search.topk`` (AQE) and ``jretrieval.search.self_topk`` (DBA: half the inner
+products of the symmetric database x database matrix), ties lower index first, so memory is
+bounded by the block size. ``k`` is static; ``alpha`` may be traced. The public functions
+validate their inputs eagerly (shapes always, NaN/inf on concrete arrays) and call jitted
+implementations.
 """
 
 from __future__ import annotations
@@ -67,13 +69,10 @@ def _dba_impl(database, alpha, k, block_size):
     db = database.astype(jnp.float32)
     if k == 0:
         return l2_normalize(db)
-    n = db.shape[0]
-    scores, idx = search.topk(db, db, k + 1, block_size=block_size)
-    # Drop the own index wherever it appears among the k + 1 (usually first, but an exact
-    # duplicate with a lower index ties ahead of it); if absent, drop the (k+1)-th neighbour.
-    not_self = idx != jnp.arange(n, dtype=idx.dtype)[:, None]
-    keep = not_self & (jnp.cumsum(not_self, axis=1) <= k)
-    return _expand(db, db, idx, jnp.where(keep, _weights(scores, alpha), 0.0))
+    # k nearest others of every vector (own index excluded, duplicates kept), from the
+    # symmetric similarity matrix block pair by block pair.
+    scores, idx = search.self_topk(db, k, exclude_self=True, block_size=block_size)
+    return _expand(db, db, idx, _weights(scores, alpha))
 
 
 def _check_k_alpha(k: int, alpha: float, limit: int, what: str) -> None:
@@ -115,7 +114,7 @@ def aqe(
 
 
 def dba(
-    database: ArrayLike, k: int = 20, alpha: float = 0.0, *, block_size: int = 16384
+    database: ArrayLike, k: int = 20, alpha: float = 0.0, *, block_size: int = 512
 ) -> jax.Array:
     """Database-side augmentation: each vector plus its ``k`` nearest others, L2-normalised.
 
@@ -124,7 +123,7 @@ def dba(
       k: number of neighbours (own index excluded) added to each vector (static),
         ``0 <= k <= N - 1``.
       alpha: weight exponent as in ``aqe``.
-      block_size: database block of the neighbour search (memory ``N x block_size``).
+      block_size: block of ``search.self_topk`` (memory ``block_size^2`` similarities).
 
     Returns:
       ``[N, D]`` float32 augmented database with unit-norm rows.

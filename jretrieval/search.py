@@ -8,7 +8,9 @@ Memory: ``topk`` (and ``rank`` with ``k`` given) walks over the database in bloc
 ``block_size`` rows with a ``lax.scan`` and keeps a running top-k, merged with each block's
 scores; at most ``Q x block_size`` similarities exist at once. The last block is padded and the
 padded rows score ``-inf``. ``rank`` with ``k=None`` returns the full ordering, which is
-``[Q, N]`` by definition, so it materialises the full similarity matrix.
+``[Q, N]`` by definition, so it materialises the full similarity matrix. ``self_topk`` is the
+kNN graph of one set (``topk(x, x, k)``, own index optionally excluded) computed over block
+pairs of the symmetric similarity matrix: half the inner products, ``block_size^2`` memory.
 
 Ties: equal scores are ordered by increasing database index (``lax.top_k`` keeps the lower
 index first, the running merge puts earlier blocks first, and the full ranking uses a stable
@@ -40,7 +42,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-__all__ = ["check_descriptors", "check_finite", "rank", "topk"]
+__all__ = ["check_descriptors", "check_finite", "rank", "self_topk", "topk"]
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -114,6 +116,20 @@ def _similarities(queries: jax.Array, database: jax.Array) -> jax.Array:
     return jnp.matmul(queries, database.T, precision=_HIGHEST)
 
 
+def _merge(
+    best_s: jax.Array, best_i: jax.Array, s: jax.Array, idx: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Top ``k`` of a running ``[R, k]`` list and a new ``[R, B]`` block of scores.
+
+    The running entries come first, so on equal scores ``lax.top_k`` keeps them (they hold
+    lower indices as long as blocks arrive in increasing index order).
+    """
+    all_s = jnp.concatenate([best_s, s], axis=1)
+    all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
+    new_s, pos = lax.top_k(all_s, k)
+    return new_s, jnp.take_along_axis(all_i, pos, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "block_size"))
 def _topk_impl(
     queries: jax.Array, database: jax.Array, k: int, block_size: int
@@ -132,15 +148,10 @@ def _topk_impl(
     offsets = jnp.arange(block_size, dtype=jnp.int32)
 
     def merge(carry, block):
-        best_s, best_i = carry
         blk, start = block
         idx = start + offsets
         s = jnp.where(idx[None, :] < n, _similarities(q, blk), -jnp.inf)
-        # Earlier blocks (lower indices) come first so lax.top_k keeps them first on ties.
-        all_s = jnp.concatenate([best_s, s], axis=1)
-        all_i = jnp.concatenate([best_i, jnp.broadcast_to(idx, s.shape)], axis=1)
-        new_s, pos = lax.top_k(all_s, k)
-        return (new_s, jnp.take_along_axis(all_i, pos, axis=1)), None
+        return _merge(*carry, s, idx, k), None
 
     init = (
         jnp.full((q.shape[0], k), -jnp.inf, jnp.float32),
@@ -148,6 +159,78 @@ def _topk_impl(
     )
     (scores, idx), _ = lax.scan(merge, init, (blocks, starts))
     return scores, idx
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_size", "exclude_self"))
+def _self_topk_impl(
+    x: jax.Array, k: int, block_size: int, exclude_self: bool
+) -> tuple[jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    n, d = x.shape
+    b = min(block_size, n)
+    nb = math.ceil(n / b)
+    blocks = jnp.pad(x, ((0, nb * b - n), (0, 0))).reshape(nb, b, d)
+    # Block pairs (i, j), i <= j, i-major: every row block then meets the column blocks in
+    # increasing order, which keeps "lower index first" on ties through the running merge.
+    pairs = np.array([(i, j) for i in range(nb) for j in range(i, nb)], np.int32)
+    offsets = jnp.arange(b, dtype=jnp.int32)
+    diagonal = offsets[:, None] == offsets[None, :]
+
+    def step(carry, pair):
+        best_s, best_i = carry
+        i, j = pair[0], pair[1]
+        s = _similarities(blocks[i], blocks[j])  # [b, b], used for rows i and (transposed) j
+        if exclude_self:
+            s = jnp.where(diagonal & (i == j), -jnp.inf, s)
+        cols_i, cols_j = i * b + offsets, j * b + offsets
+        bs, bi = _merge(best_s[i], best_i[i], jnp.where(cols_j < n, s, -jnp.inf), cols_j, k)
+        best_s, best_i = best_s.at[i].set(bs), best_i.at[i].set(bi)
+        # the transposed block serves rows j (a no-op on the diagonal blocks, i == j)
+        s_t = jnp.where((cols_i < n)[None, :] & (i != j), s.T, -jnp.inf)
+        bs, bi = _merge(best_s[j], best_i[j], s_t, cols_i, k)
+        return (best_s.at[j].set(bs), best_i.at[j].set(bi)), None
+
+    init = (
+        jnp.full((nb, b, k), -jnp.inf, jnp.float32),
+        jnp.full((nb, b, k), n, jnp.int32),  # placeholders, always displaced
+    )
+    (scores, idx), _ = lax.scan(step, init, jnp.asarray(pairs))
+    return scores.reshape(nb * b, k)[:n], idx.reshape(nb * b, k)[:n]
+
+
+def self_topk(
+    database: ArrayLike, k: int, *, exclude_self: bool = True, block_size: int = 512
+) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` nearest neighbours of every database vector within the database (kNN graph).
+
+    Same result as ``topk(database, database, k)`` (with each row's own index removed when
+    ``exclude_self``; other copies of a duplicated vector still count), computed from the
+    symmetric similarity matrix block pair by block pair: ``N^2 / 2`` inner products instead
+    of ``N^2`` and at most ``block_size x block_size`` similarities at once.
+
+    Args:
+      database: ``[N, D]`` float array.
+      k: neighbours per vector (static), ``0 <= k <= N - 1`` (``<= N`` without exclusion).
+      exclude_self: leave each vector's own index out of its list.
+      block_size: rows per block (static).
+
+    Returns:
+      ``(scores, indices)``: float32 ``[N, k]`` descending and int32 ``[N, k]`` (ties: lower
+      index first).
+    """
+    check_descriptors(database, "database")
+    n = jnp.shape(database)[0]
+    limit = n - 1 if exclude_self else n
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit:
+        raise ValueError(
+            f"k={k!r} is out of range for database {tuple(jnp.shape(database))}: expected "
+            f"0 <= k <= {limit}" + (" (own index excluded)" if exclude_self else "")
+        )
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return _self_topk_impl(
+        jnp.asarray(database), k=k, block_size=block_size, exclude_self=exclude_self
+    )
 
 
 def _host_argsort_desc(s: np.ndarray) -> np.ndarray:

@@ -168,3 +168,41 @@ def test_both_full_sort_paths_agree():
     np.testing.assert_array_equal(search._host_argsort_desc(s), expected)
     np.testing.assert_array_equal(np.asarray(search._argsort_desc_xla(jnp.asarray(s))), expected)
     np.testing.assert_array_equal(search._host_argsort_desc(s[None]), expected[None])
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 23, 512])
+def test_self_topk_equals_masked_argsort(block_size):
+    # 23 vectors with duplicated rows (ties between different indices), several block sizes
+    # including ones that do not divide N.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((23, 5)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[[7, 15]] = x[3]  # three copies of one unit vector
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    s_excl = s.copy()
+    np.fill_diagonal(s_excl, -np.inf)
+    for k in (1, 6, 22):
+        scores, idx = search.self_topk(x, k, block_size=block_size)
+        np.testing.assert_array_equal(
+            np.asarray(idx), np.argsort(-s_excl, axis=1, kind="stable")[:, :k]
+        )
+        np.testing.assert_allclose(
+            np.asarray(scores), -np.sort(-s_excl, axis=1)[:, :k], rtol=1e-5, atol=1e-5
+        )
+    # row 15's nearest others are its two copies, lower index first
+    np.testing.assert_array_equal(
+        np.asarray(search.self_topk(x, 2, block_size=block_size)[1])[15], [3, 7]
+    )
+    _, idx = search.self_topk(x, 23, exclude_self=False, block_size=block_size)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(search.rank(x, x)))
+
+
+def test_self_topk_bad_input():
+    x = np.ones((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"k=5 is out of range for database \(5, 3\).*<= 4"):
+        search.self_topk(x, 5)
+    with pytest.raises(ValueError, match=r"database is empty"):
+        search.self_topk(x[:0], 1)
+    x[2, 2] = np.nan
+    with pytest.raises(ValueError, match=r"database holds NaN or inf"):
+        search.self_topk(x, 1)
