@@ -352,37 +352,59 @@ def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
     return _cg(matvec, b, max_iter=max_iter, tol=tol)
 
 
-def _bucket(sizes: np.ndarray) -> np.ndarray:
-    """Padded block size per component: powers of two up to 128, then multiples of 128."""
-    pow2 = np.maximum(8, 2 ** np.ceil(np.log2(np.maximum(sizes, 1)))).astype(np.int64)
-    return np.where(sizes <= 128, pow2, -(-sizes // 128) * 128)
+def _tiers(dense_max: int) -> list[int]:
+    """Block sizes of the dense path: few shapes, as each one is a separate compilation."""
+    top = -(-dense_max // 32) * 32
+    return [b for b in (128, 512) if b < top] + [top]
+
+
+def _pack(sizes: np.ndarray, capacity: int) -> list[list[int]]:
+    """Components (by index) packed into blocks of ``capacity`` nodes (next-fit decreasing)."""
+    blocks, room = [], 0
+    for c in np.argsort(-sizes, kind="stable"):
+        if sizes[c] > room:
+            blocks.append([])
+            room = capacity
+        blocks[-1].append(int(c))
+        room -= int(sizes[c])
+    return blocks
 
 
 def _solve(ids, ids_kd, a_s, labels, *, max_iter, tol, dense_max, node_chunk) -> np.ndarray:
+    """Offline rows ``[M, T]``: dense path for components up to ``dense_max`` nodes (several
+    components share a block: the block matrix is block-diagonal and each node's mask keeps it
+    to its own component), per-node path for the rest."""
     m, t = ids.shape
     comp_ids, comp_of, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     order = np.argsort(comp_of, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    pos = np.empty(m, np.int32)
-    pos[order] = np.arange(m) - np.repeat(starts[:-1], sizes)
-    args = tuple(jnp.asarray(a) for a in (ids, ids_kd, a_s))
-    comp_d, pos_d = jnp.asarray(comp_of.astype(np.int32)), jnp.asarray(pos)
+    pos = np.zeros(m, np.int32)  # position in the node's dense block
     values = np.zeros((m, t), np.float32)
 
-    # Work items: (kind, payload, node count) for progress.
-    work = []
+    work = []  # (kind, payload, node count)
     big = sizes > dense_max
-    buckets = _bucket(sizes)
-    for b_size in np.unique(buckets[~big]):
-        sel = np.nonzero(~big & (buckets == b_size))[0]
+    tiers = _tiers(dense_max)
+    tier_of = np.searchsorted(tiers, sizes)
+    for tier, b_size in enumerate(tiers):
+        sel = np.nonzero(~big & (tier_of == tier))[0]
+        blocks = []
+        for block in _pack(sizes[sel], b_size):
+            nodes = np.concatenate([order[starts[c] : starts[c + 1]] for c in sel[block]])
+            pos[nodes] = np.arange(len(nodes))
+            blocks.append(np.pad(nodes, (0, b_size - len(nodes)), constant_values=-1))
+        if not blocks:
+            continue
+        if b_size > 128:  # one block per call: a single shape, and GEMMs big enough
+            work += [("dense", row[None].astype(np.int32), int(np.sum(row >= 0))) for row in blocks]
+            continue
         per = max(1, _BUDGET // (b_size * max(b_size, t)))
-        k = min(per, 1 << int(math.ceil(math.log2(len(sel)))))
-        for g in range(0, len(sel), k):
-            group = sel[g : g + k]
-            members = np.full((k, b_size), -1, np.int32)
-            for j, c in enumerate(group):
-                members[j, : sizes[c]] = order[starts[c] : starts[c + 1]]
-            work.append(("dense", members, int(sizes[group].sum())))
+        per = min(per, 1 << int(math.ceil(math.log2(len(blocks)))))
+        for g in range(0, len(blocks), per):  # groups of ``per`` blocks, the last one padded
+            group = np.stack(blocks[g : g + per]).astype(np.int32)
+            group = np.pad(group, ((0, per - len(group)), (0, 0)), constant_values=-1)
+            work.append(("dense", group, int(np.sum(group >= 0))))
+    args = tuple(jnp.asarray(a) for a in (ids, ids_kd, a_s))
+    comp_d, pos_d = jnp.asarray(comp_of.astype(np.int32)), jnp.asarray(pos)
     big_nodes = order[np.isin(comp_of[order], np.nonzero(big)[0])].astype(np.int32)
     for g in range(0, len(big_nodes), node_chunk):
         nodes = big_nodes[g : g + node_chunk]
