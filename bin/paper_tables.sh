@@ -26,7 +26,7 @@ Prerequisites: bin/download_datasets.sh, bin/download_checkpoints.sh, bin/conver
   --models LIST          comma-separated rows, e.g. baseline,simclr2x+simclr4x
                          (--config.models; default: each config's own)
   --data DIR             --config.data.root (default: the configs' "data")
-  --checkpoint-dir DIR   --config.checkpoint_dir (default: the configs' "checkpoints")
+  --checkpoint-dir DIR   --config.checkpoint_dir (default: the configs' "converted", where bin/convert_checkpoints.sh writes)
   --out DIR              where the reports go (default: runs/paper in the repository)
   --force                run again even when a report exists
   --dry-run              print the commands, run nothing
