@@ -108,6 +108,8 @@ def shard_rows(x: ArrayLike | Sharded, mesh: Mesh) -> Sharded:
         padded = jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))
         return Sharded(jax.device_put(padded, sharding), n)
     host = np.asarray(x)
+    if rows == n and jax.process_count() == 1:  # nothing to pad: one transfer, no copy here
+        return Sharded(jax.device_put(host, sharding), n)
     shape = (rows, *host.shape[1:])
 
     def block(index: tuple[slice, ...]) -> np.ndarray:
@@ -124,10 +126,11 @@ def shard_rows(x: ArrayLike | Sharded, mesh: Mesh) -> Sharded:
 
 def _row_chunks(update, state: tuple, rows: int, chunk: int) -> tuple:
     """Applies ``update(old_rows, lo) -> new_rows`` to ``state`` (arrays ``[rows, ...]``) in
-    chunks of ``chunk`` rows. The last chunk is shifted back to stay in bounds; rows it
-    revisits keep their value, so ``update`` may accumulate."""
-    c = min(chunk, rows)
-    num = -(-rows // c)
+    equal chunks of at most ``chunk`` rows (``old_rows[0].shape[0]`` rows from ``lo``). The
+    last chunk is shifted back to stay in bounds; rows it revisits keep their value, so
+    ``update`` may accumulate."""
+    num = -(-rows // min(chunk, rows))
+    c = -(-rows // num)  # equal chunks: the shifted last one revisits fewer than num rows
     if num == 1:
         return update(state, 0)
 
@@ -153,8 +156,8 @@ def _block_topk(q, x, k, *, start, n, block, q_ids=None):
     ``n``), scored ``block`` rows at a time. With ``q_ids`` a query's own id scores ``+inf``.
     Returns float32 ``[Q, k]`` and int32 ``[Q, k]`` (-inf / ``n`` where fewer than ``k``)."""
     s = x.shape[0]
-    bs = min(block, s)
-    num = -(-s // bs)
+    num = -(-s // min(block, s))
+    bs = -(-s // num)  # equal blocks, so the shifted last block rescores fewer than num rows
 
     def scores(lo, fresh_from):
         blk = lax.dynamic_slice_in_dim(x, lo, bs)
@@ -241,7 +244,7 @@ def _knn_impl(db, *, mesh, k, n, block_size, query_block, self_first):
 
         def merge(state, blk, owner, first):
             def update(old, lo):
-                q = lax.dynamic_slice_in_dim(x, lo, min(query_block, s))
+                q = lax.dynamic_slice_in_dim(x, lo, old[0].shape[0])
                 ids = d * s + lo + jnp.arange(q.shape[0], dtype=jnp.int32)
                 cs, ci = _block_topk(
                     q, blk, k, start=owner * s, n=n, block=block_size,
@@ -275,8 +278,8 @@ def _ring_gather_sum(x, idx, w, *, axis, size, chunk):
 
     def add(acc, blk, owner):
         def update(old, lo):
-            ii = lax.dynamic_slice_in_dim(idx, lo, min(chunk, s)) - owner * s
-            ww = lax.dynamic_slice_in_dim(w, lo, min(chunk, s))
+            ii = lax.dynamic_slice_in_dim(idx, lo, old[0].shape[0]) - owner * s
+            ww = lax.dynamic_slice_in_dim(w, lo, old[0].shape[0])
             own = (ii >= 0) & (ii < s)
             ww = jnp.where(own, ww, 0.0)
             nb = jnp.take(blk, jnp.clip(ii, 0, s - 1), axis=0)  # [c, k, D]
@@ -363,40 +366,73 @@ def _cg(matvec, b, *, max_iter, tol):
     return lax.fori_loop(0, max_iter, step, init)[0]
 
 
-def _solve_rows(t_ids, ids_kd, a_s, *, max_iter, tol):
-    """Truncated systems of a chunk of nodes: ``t_ids`` int32 ``[C, T]`` (node first),
-    ``ids_kd``/``a_s`` ``[M, kd]`` (all nodes). Returns the CG solutions ``[C, T]``."""
+def _table_rows(table, t_ids, ids_kd, a_s):
+    """Non-zeros of the truncated operators ``alpha S[T_i, T_i]`` of a chunk of nodes.
+
+    ``t_ids`` int32 ``[C, T]`` (node first); ``ids_kd``/``a_s`` ``[M, kd]`` (all nodes);
+    ``table`` int32 ``[C, M]``, all ``-1`` (a loop carry: entries are set for this chunk's
+    truncation sets and reset afterwards, so each chunk costs ``O(T kd)``, not ``O(M)``).
+    Returns ``(table, local [C, T * kd], vals [C, T * kd])``: for the entry ``(row a, slot j)``
+    the position of the neighbour ``ids_kd[T[a], j]`` in ``T`` (``-1`` if outside) and its
+    value (0 if outside or not mutual), rows in order. (``diffusion``'s per-node path fills a
+    fresh ``[C, M]`` table per chunk instead: ``O(M)`` per node, 4 MB per node at 1M.)"""
     c, t = t_ids.shape
-    nbr = ids_kd[t_ids].reshape(c, -1)  # [C, T * kd] global ids
-    vals = a_s[t_ids]  # [C, T, kd]
-    order = jnp.argsort(t_ids, axis=1).astype(jnp.int32)
-    srt = jnp.take_along_axis(t_ids, order, axis=1)
-    pos = jax.vmap(lambda a, v: jnp.searchsorted(a, v, method="sort"))(srt, nbr)
-    pos = jnp.minimum(pos, t - 1).astype(jnp.int32)
-    found = jnp.take_along_axis(srt, pos, axis=1) == nbr
-    local = jnp.take_along_axis(order, pos, axis=1)
-    vals = jnp.where(found.reshape(vals.shape), vals, 0.0)
-    flat = (jnp.where(found, local, 0) + (jnp.arange(c, dtype=jnp.int32) * t)[:, None]).reshape(-1)
+    r = jnp.arange(c)[:, None]
+    table = table.at[r, t_ids].set(jnp.arange(t, dtype=jnp.int32)[None])
+    nbr = ids_kd[t_ids].reshape(c, -1)
+    local = jnp.take_along_axis(table, nbr, axis=1)
+    table = table.at[r, t_ids].set(-1)
+    vals = jnp.where(local >= 0, a_s[t_ids].reshape(c, -1), 0.0)
+    return table, local, vals
+
+
+def _solve_chunk(table, t_ids, ids_kd, a_s, *, max_iter, tol):
+    """CG solutions ``[C, T]`` of a chunk's truncated systems ``(I - alpha S_TT) x = e_0``.
+
+    The operator stays in the ``[T, kd]`` neighbour-table layout (a gather and a reduction over
+    ``kd`` per step). Packing each node's non-zeros (about a third of the table on the benchmark
+    graphs) into COO entries needs a scatter-add per step, which XLA:CPU runs ~2.5x slower per
+    element, so it did not pay off."""
+    c, t = t_ids.shape
+    table, local, vals = _table_rows(table, t_ids, ids_kd, a_s)
+    vals = vals.reshape(c, t, -1)
+    base = (jnp.arange(c, dtype=jnp.int32) * t)[:, None]
+    flat = (jnp.maximum(local, 0) + base).reshape(-1)
 
     def matvec(p):
         g = p.reshape(-1).at[flat].get(mode="promise_in_bounds").reshape(vals.shape)
         return p - jnp.sum(vals * g, axis=-1)
 
     b = jnp.zeros((c, t), jnp.float32).at[:, 0].set(1.0)
-    return _cg(matvec, b, max_iter=max_iter, tol=tol)
+    return table, _cg(matvec, b, max_iter=max_iter, tol=tol)
+
+
+def _over_node_chunks(fn, t_ids, m_all, chunk, out_init):
+    """``out[rows] = fn(table, t_ids[rows])`` over equal chunks of rows, with the ``[C, M]``
+    position table carried from chunk to chunk (see ``_table_rows``)."""
+    s = t_ids.shape[0]
+    num = -(-s // min(chunk, s))
+    c = -(-s // num)
+
+    def body(carry, j):
+        table, out = carry
+        lo = jnp.minimum(j * c, s - c)  # the shifted last chunk recomputes identical rows
+        table, res = fn(table, lax.dynamic_slice_in_dim(t_ids, lo, c))
+        return (table, lax.dynamic_update_slice_in_dim(out, res, lo, 0)), None
+
+    table = jnp.full((c, m_all), -1, jnp.int32)
+    return lax.scan(body, (table, out_init), jnp.arange(num))[0][1]
 
 
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "mesh", "n", "truncation", "kd", "gamma", "alpha", "tol", "max_iter",
-        "block_size", "query_block", "node_chunk",
+        "mesh", "n", "truncation", "kd", "gamma", "alpha", "block_size", "query_block",
     ),
 )  # fmt: skip
-def _offline_impl(
-    db, *, mesh, n, truncation, kd, gamma, alpha, tol, max_iter, block_size, query_block,
-    node_chunk,
-):  # fmt: skip
+def _graph_impl(db, *, mesh, n, truncation, kd, gamma, alpha, block_size, query_block):
+    """Truncation sets ``[M, T]`` (``diffusion.Offline`` layout), kd-lists ``[M, kd]`` and
+    ``alpha S`` on them ``[M, kd]`` (mutual kNN affinity, symmetric normalisation), sharded."""
     axis = _axis(mesh)
     size = mesh.devices.size
     top_s, top_i = _knn_impl(
@@ -422,7 +458,7 @@ def _offline_impl(
         # Mutual check: is the node in the kd-list of each of its neighbours? (ring)
         def check(mut, blk, owner):
             def update(old, lo):
-                c = min(query_block, s)
+                c = old[0].shape[0]
                 nb = lax.dynamic_slice_in_dim(ids_kd, lo, c) - owner * s
                 me = lax.dynamic_slice_in_dim(gid, lo, c)
                 own = (nb >= 0) & (nb < s)
@@ -446,20 +482,42 @@ def _offline_impl(
         inv = (jnp.sum(w, axis=1) + 1e-12) ** -0.5
         inv_all = lax.all_gather(inv, axis, tiled=True)  # [n_dev * s]
         a_s = alpha * (w * inv[:, None] * inv_all[jnp.minimum(ids_kd, inv_all.shape[0] - 1)])
-        # Per-node solves of this device's nodes, neighbour tables replicated.
+        return ids, ids_kd, jnp.where(valid[:, None], a_s, 0.0)
+
+    specs = (P(axis), P(axis), P(axis))
+    return _smap(mesh, body, specs, specs)(db, top_s, top_i)
+
+
+def _solve_body(axis, n, fn, out_shape):
+    def body(ids, ids_kd, a_s):
+        s = ids.shape[0]
+        gid = lax.axis_index(axis) * s + jnp.arange(s, dtype=jnp.int32)
+        valid = gid < n
+        # The neighbour tables of all nodes, replicated ([M, kd] each).
         kd_all = lax.all_gather(ids_kd, axis, tiled=True)
         as_all = lax.all_gather(a_s, axis, tiled=True)
-        t_ids = jnp.where(valid[:, None], ids, gid[:, None] * 0)
+        t_ids = jnp.where(valid[:, None], ids, jnp.arange(ids.shape[1], dtype=jnp.int32)[None])
+        out = fn(t_ids, kd_all, as_all, jnp.zeros((s, *out_shape), jnp.float32))
+        return jnp.where(valid.reshape((s,) + (1,) * len(out_shape)), out, 0.0)
 
-        def solve(old, lo):
-            c = min(node_chunk, s)
-            rows = lax.dynamic_slice_in_dim(t_ids, lo, c)
-            return (_solve_rows(rows, kd_all, as_all, max_iter=max_iter, tol=tol),)
+    return body
 
-        vals = _row_chunks(solve, (jnp.zeros((s, truncation), jnp.float32),), s, node_chunk)[0]
-        return ids, jnp.where(valid[:, None], vals, 0.0)
 
-    return _smap(mesh, body, (P(axis), P(axis), P(axis)), (P(axis), P(axis)))(db, top_s, top_i)
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "n", "node_chunk", "max_iter", "tol")
+)  # fmt: skip
+def _solve_impl(ids, ids_kd, a_s, *, mesh, n, node_chunk, max_iter, tol):
+    """The offline values ``[M, T]``: each device solves its own nodes, chunk by chunk."""
+    axis = _axis(mesh)
+    t = ids.shape[1]
+
+    def fn(t_ids, kd_all, as_all, out):
+        def solve(table, rows):
+            return _solve_chunk(table, rows, kd_all, as_all, max_iter=max_iter, tol=tol)
+
+        return _over_node_chunks(solve, t_ids, kd_all.shape[0], node_chunk, out)
+
+    return _smap(mesh, _solve_body(axis, n, fn, (t,)), (P(axis),) * 3, P(axis))(ids, ids_kd, a_s)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -661,10 +719,13 @@ def offline(
                          f"{alpha=}, {gamma=}, {tol=}, {max_iter=}")  # fmt: skip
     _check_blocks(block_size=block_size, query_block=query_block, node_chunk=node_chunk)
     db = shard_rows(database, mesh)
-    ids, vals = _offline_impl(
+    ids, ids_kd, a_s = _graph_impl(
         db.array, mesh=mesh, n=m, truncation=t, kd=kd, gamma=float(gamma), alpha=float(alpha),
-        tol=float(tol), max_iter=int(max_iter), block_size=block_size, query_block=query_block,
-        node_chunk=node_chunk,
+        block_size=block_size, query_block=query_block,
+    )  # fmt: skip
+    vals = _solve_impl(
+        ids, ids_kd, a_s, mesh=mesh, n=m, node_chunk=node_chunk,
+        max_iter=int(max_iter), tol=float(tol),
     )  # fmt: skip
     params = dict(truncation=t, kd=kd, gamma=float(gamma), alpha=float(alpha), tol=float(tol),
                   max_iter=int(max_iter))  # fmt: skip
@@ -696,7 +757,7 @@ def _joint_scores_impl(ids, vals, *, mesh, num_queries, chunk):
         qt = q_rows.T  # [M, Q]
 
         def update(old, lo):
-            c = min(chunk, s)
+            c = old[0].shape[0]
             ii = lax.dynamic_slice_in_dim(ids, lo, c)
             vv = lax.dynamic_slice_in_dim(vals, lo, c)
             return (jnp.einsum("ntq,nt->nq", qt[ii], vv, precision=_HIGHEST),)

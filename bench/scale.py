@@ -1,0 +1,400 @@
+"""Benchmark: search, AQE, DBA and diffusion from 5k to 1M database vectors; time and memory.
+
+Run from the repository root, one size (or a few) per invocation so each stays under ~10 min on
+2 CPU cores; results accumulate in ``docs/scale_results.json`` and ``--report`` writes
+``docs/benchmarks.md`` and the log-log plot ``docs/scale.png``:
+
+    python -m bench.scale --sizes 5000,50000 --stages search,aqe,dba
+    python -m bench.scale --sizes 500000,1000000 --stages search,aqe,dba
+    python -m bench.scale --sizes 5000 --stages diffusion
+    python -m bench.scale --sizes 50000 --stages diffusion --impls sharded,scipy
+    python -m bench.scale --sizes 500000 --stages diffusion
+    python -m bench.scale --report
+
+Every measurement runs in its own subprocess (``--worker``), so its peak memory is the process's
+peak resident set (``ru_maxrss``) minus the resident set after the data were loaded: the extra
+memory the stage needed. Data: synthetic clustered descriptors, 512-d, L2-normalised
+(``make_data``: small noisy clusters whose kNN lists cross clusters, so the mutual kNN graph has
+one large component, as distractor-heavy R1M data), written once per size to
+``/tmp/jretrieval_scale/`` and loaded by the workers; 100 queries from the same distribution.
+
+Implementations (``ours`` runs ``jretrieval.sharded`` on the mesh of all local devices; on this
+machine one CPU device, so the sharded code runs with one shard):
+
+- search top-100: ``sharded.topk`` and ``search.topk`` vs faiss ``IndexFlatIP.search``;
+- AQE (k = 10): ``sharded.aqe`` vs faiss search + NumPy weighted sum;
+- DBA (k = 20): ``sharded.dba`` (ring kNN + ring aggregation) vs faiss ``search(db, db, 21)`` +
+  NumPy; the kNN step dominates both;
+- diffusion offline (truncation 1000, kd 50, 20 CG steps): ``sharded.offline`` and
+  ``diffusion.offline`` vs the authors' recipe (faiss kNN with k = truncation, their mutual-
+  neighbour Laplacian in ``scipy.sparse``, one ``scipy.sparse.linalg.cg`` per node in a Python
+  loop).
+
+Where a stage is quadratic in N and would not finish in minutes, it is timed on a subset and
+extrapolated linearly, and the table says so: kNN-type stages (DBA, the diffusion kNN) on the
+first ``R`` database rows as queries against all N (``sharded.topk`` for ours, the same blocked
+top-k per row as the ring; faiss ``search``) times ``N / R``; the per-node solves on ``S`` nodes
+times ``N / S`` (ours on a neighbour table of the right shape, since the per-node work does not
+depend on the table's contents; SciPy's per-node time from the largest size where it ran on the
+real graph, since its work depends on the sub-Laplacian's non-zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+DATA_DIR = "/tmp/jretrieval_scale"
+RESULTS = os.path.join("docs", "scale_results.json")
+REPORT = os.path.join("docs", "benchmarks.md")
+PLOT = os.path.join("docs", "scale.png")
+DIM, NQ, K_SEARCH, K_AQE, K_DBA = 512, 100, 100, 10, 20
+TRUNCATION, KD, GAMMA, ALPHA = 1000, 50, 3.0, 0.99
+STAGES = ("search", "aqe", "dba", "diffusion")
+IMPLS = {
+    "search": ("sharded", "search", "faiss"),
+    "aqe": ("sharded", "faiss"),
+    "dba": ("sharded", "faiss"),
+    "diffusion": ("sharded", "diffusion", "scipy"),
+}
+#: largest N at which a stage runs in full; above it, rows/nodes are subsampled.
+FULL_KNN, FULL_SOLVES, FULL_SCIPY_SOLVES = 50_000, 50_000, 5_000
+SUBSET_ROWS, SUBSET_NODES = 2_500, 2_000
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_data(n: int, *, dim: int = DIM, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(queries [NQ, dim], database [n, dim])`` float32, clustered, L2-normalised.
+
+    Cluster sizes are lognormal (median ~33), centres uniform on the sphere, each cluster with
+    its own noise level; generated in chunks so the float64 temporaries stay small.
+    """
+    rng = np.random.default_rng(seed)
+    total = n + NQ
+    sizes = np.clip(rng.lognormal(3.5, 1.0, total), 2, 1000).astype(np.int64)
+    sizes = sizes[: np.searchsorted(np.cumsum(sizes), total) + 1]
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes)[:total])
+    centres = rng.standard_normal((len(sizes), dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sigma = rng.uniform(1.5, 3.0, len(sizes)).astype(np.float32) / np.sqrt(dim)
+    x = np.empty((total, dim), np.float32)
+    for s in range(0, total, 65536):
+        lab = labels[s : s + 65536]
+        noise = rng.standard_normal((len(lab), dim), dtype=np.float32)
+        x[s : s + len(lab)] = centres[lab] + sigma[lab, None] * noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[:NQ], x[NQ:]
+
+
+def data_path(n: int) -> str:
+    return os.path.join(DATA_DIR, f"clustered_{n}_{DIM}.npy")
+
+
+def ensure_data(n: int) -> str:
+    path = data_path(n)
+    if not os.path.exists(path):
+        os.makedirs(DATA_DIR, exist_ok=True)
+        q, db = make_data(n)
+        tmp = path + ".tmp.npy"
+        np.save(tmp, np.concatenate([q, db]))
+        os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _laplacian(sims: np.ndarray, ids: np.ndarray):
+    """The authors' ``get_laplacian``: mutual kNN affinity, ``I - alpha D^-1/2 W D^-1/2``."""
+    import scipy.sparse as sp
+
+    n = len(ids)
+    s = np.maximum(sims[:, :KD], 0) ** GAMMA
+    idk = ids[:, :KD]
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        mutual = np.isin(idk[idk[i]], i).any(axis=1)
+        mutual[0] = False
+        if mutual.any():
+            rows.append(np.full(mutual.sum(), i))
+            cols.append(idk[i, mutual])
+            vals.append(s[i, mutual])
+    w = sp.csc_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n, n),
+        dtype=np.float32,
+    )
+    d = w @ np.ones(n) + 1e-12
+    dm = sp.dia_matrix((d**-0.5, [0]), shape=(n, n), dtype=np.float32)
+    eye = sp.dia_matrix((np.ones(n), [0]), shape=(n, n), dtype=np.float32)
+    return (eye - ALPHA * (dm @ w @ dm)).tocsr()
+
+
+def _scipy_solves(lap, ids: np.ndarray, nodes: np.ndarray) -> None:
+    import scipy.sparse.linalg as sla
+
+    b = np.zeros(ids.shape[1])
+    b[0] = 1
+    for i in nodes:  # the authors' per-node loop
+        sla.cg(lap[ids[i]][:, ids[i]], b, rtol=1e-6, maxiter=20)
+
+
+def run_worker(stage: str, impl: str, n: int) -> dict:
+    """One measurement (called in a fresh process). Returns the record for the results file."""
+    import jax
+
+    from jretrieval import distributed, sharded
+
+    x = np.load(data_path(n))
+    q, db = x[:NQ], x[NQ:]
+    base = _rss_mb()
+    mesh = distributed.make_mesh(jax.local_devices())
+    rec = {"stage": stage, "impl": impl, "n": n, "devices": int(mesh.devices.size)}
+    subset = None
+    rows = n if n <= FULL_KNN else SUBSET_ROWS
+    index = None
+    if impl == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(DIM)
+        index.add(db)  # a copy; not timed
+
+    def run() -> None:
+        if stage == "search":
+            if impl == "faiss":
+                index.search(q, K_SEARCH)
+            elif impl == "search":
+                from jretrieval import search
+
+                jax.block_until_ready(search.topk(q, db, K_SEARCH))
+            else:
+                jax.block_until_ready(sharded.topk(q, db, K_SEARCH, mesh=mesh))
+        elif stage == "aqe":
+            if impl == "faiss":
+                s, i = index.search(q, K_AQE)
+                y = q + db[i].sum(axis=1)
+                y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-6
+            else:
+                jax.block_until_ready(sharded.aqe(q, db, K_AQE, mesh=mesh))
+        elif stage == "dba":
+            if impl == "faiss":
+                s, i = index.search(db[:rows], K_DBA + 1)
+                w = (i != np.arange(rows)[:, None]).astype(np.float32)
+                y = db[:rows] + np.einsum("nk,nkd->nd", w, db[i])
+                y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-6
+            elif rows == n:
+                jax.block_until_ready(sharded.dba(db, K_DBA, mesh=mesh).array)
+            else:  # the same blocked top-k work per row, on `rows` rows against all n
+                jax.block_until_ready(sharded.topk(db[:rows], db, K_DBA + 1, mesh=mesh))
+        else:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+    if stage == "diffusion":
+        rec.update(_diffusion(impl, db, mesh))
+        subset = rec.pop("subset", None)
+        t0 = time.perf_counter()
+    else:
+        if stage == "dba" and rows < n:
+            subset = rows
+        repeat = 2 if n <= FULL_KNN and not (stage == "dba" and n > 5000) else 1
+        for _ in range(repeat):  # the first run compiles; the last one is timed
+            t0 = time.perf_counter()
+            run()
+        rec["runs"] = repeat
+    seconds = time.perf_counter() - t0
+    if subset is not None and stage != "diffusion":
+        seconds *= n / subset
+        rec["note"] = f"extrapolated from {subset} of {n} rows (x {n / subset:.0f})"
+    rec.setdefault("seconds", seconds)
+    rec.update(base_mb=base, peak_extra_mb=max(0.0, _peak_mb() - base))
+    return rec
+
+
+def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
+    """Offline diffusion (all nodes), by parts where a part is extrapolated."""
+    import jax
+    import jax.numpy as jnp
+
+    from jretrieval import diffusion, sharded
+
+    n = len(db)
+    parts: dict[str, float] = {}
+    notes = []
+    if impl == "diffusion":
+        if n > FULL_KNN:
+            raise ValueError("diffusion.offline has no subset mode; run it at N <= 50k")
+        t = time.perf_counter()
+        jax.block_until_ready(diffusion.offline(db, truncation=TRUNCATION, kd=KD).values)
+        return {"seconds": time.perf_counter() - t, "parts": {"total": time.perf_counter() - t}}
+    if impl == "sharded" and n <= FULL_SOLVES:
+        t = time.perf_counter()
+        off = sharded.offline(db, mesh=mesh, truncation=TRUNCATION, kd=KD, keep_sharded=True)
+        jax.block_until_ready(off[1].array)
+        return {"seconds": time.perf_counter() - t, "parts": {"total": time.perf_counter() - t}}
+    if impl == "sharded":  # kNN on R rows + solves on S nodes of a table of the right shape
+        rows = SUBSET_ROWS
+        t = time.perf_counter()
+        jax.block_until_ready(sharded.topk(db[:rows], db, TRUNCATION, mesh=mesh))
+        parts["kNN (truncation lists)"] = (time.perf_counter() - t) * n / rows
+        rng = np.random.default_rng(0)
+        ids_kd = jnp.asarray(rng.integers(0, n, (n, KD), dtype=np.int32))
+        a_s = jnp.asarray(rng.random((n, KD), dtype=np.float32) * 0.02)
+        t_ids = np.stack(
+            [np.concatenate([[i], rng.choice(n, TRUNCATION - 1, replace=False)]) for i in
+             range(SUBSET_NODES)]
+        ).astype(np.int32)  # fmt: skip
+        solve = jax.jit(lambda t: sharded._solve_rows(t, ids_kd, a_s, max_iter=20, tol=1e-6))
+        jax.block_until_ready(solve(jnp.asarray(t_ids[:16])))  # compile
+        t = time.perf_counter()
+        for s in range(0, SUBSET_NODES, 16):
+            jax.block_until_ready(solve(jnp.asarray(t_ids[s : s + 16])))
+        parts["per-node solves"] = (time.perf_counter() - t) * n / SUBSET_NODES
+        notes.append(
+            f"kNN extrapolated from {rows} rows, solves from {SUBSET_NODES} nodes (x {n / rows:.0f}"
+            f", x {n / SUBSET_NODES:.0f})"
+        )
+        return {"seconds": sum(parts.values()), "parts": parts, "note": "; ".join(notes)}
+    # SciPy: the authors' recipe
+    import faiss
+
+    index = faiss.IndexFlatIP(DIM)
+    index.add(db)
+    rows = n if n <= FULL_KNN else SUBSET_ROWS
+    t = time.perf_counter()
+    sims, ids = index.search(db[:rows], TRUNCATION)
+    parts["kNN (faiss, truncation lists)"] = (time.perf_counter() - t) * n / rows
+    if rows < n:
+        notes.append(f"kNN extrapolated from {rows} rows (x {n / rows:.0f})")
+        per_node = _scipy_per_node_reference()
+        if per_node is None:
+            raise RuntimeError("run the scipy diffusion at a smaller N first (per-node time)")
+        parts["Laplacian (authors' loop)"] = per_node["laplacian_per_node"] * n
+        parts["per-node CG loop"] = per_node["solve_per_node"] * n
+        notes.append(f"Laplacian and solves: per-node times measured at N={per_node['n']} x N")
+        return {"seconds": sum(parts.values()), "parts": parts, "note": "; ".join(notes)}
+    t = time.perf_counter()
+    lap = _laplacian(sims, ids)
+    parts["Laplacian (authors' loop)"] = time.perf_counter() - t
+    nodes = np.arange(n)
+    if n > FULL_SCIPY_SOLVES:
+        nodes = np.linspace(0, n - 1, SUBSET_NODES).astype(np.int64)
+        notes.append(f"solves extrapolated from {len(nodes)} nodes (x {n / len(nodes):.0f})")
+    t = time.perf_counter()
+    _scipy_solves(lap, ids, nodes)
+    parts["per-node CG loop"] = (time.perf_counter() - t) * n / len(nodes)
+    return {
+        "seconds": sum(parts.values()),
+        "parts": parts,
+        "note": "; ".join(notes),
+        "laplacian_per_node": parts["Laplacian (authors' loop)"] / n,
+        "solve_per_node": parts["per-node CG loop"] / n,
+    }
+
+
+def _scipy_per_node_reference() -> dict | None:
+    best = None
+    for r in load_results():
+        if r["stage"] == "diffusion" and r["impl"] == "scipy" and "solve_per_node" in r:
+            if best is None or r["n"] > best["n"]:
+                best = r
+    return best
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def load_results() -> list[dict]:
+    if not os.path.exists(RESULTS):
+        return []
+    with open(RESULTS) as f:
+        return json.load(f)
+
+
+def save_result(rec: dict) -> None:
+    results = [
+        r
+        for r in load_results()
+        if (r["stage"], r["impl"], r["n"]) != (rec["stage"], rec["impl"], rec["n"])
+    ]
+    results.append(rec)
+    results.sort(key=lambda r: (STAGES.index(r["stage"]), r["n"], r["impl"]))
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, RESULTS)
+
+
+def measure(stage: str, impl: str, n: int, timeout: int) -> dict | None:
+    cmd = [sys.executable, "-m", "bench.scale", "--worker", stage, impl, str(n)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{stage:10s} {impl:10s} N={n:>8d}: timed out after {timeout}s", flush=True)
+        return None
+    if proc.returncode != 0:
+        print(f"{stage} {impl} N={n} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["wall_s"] = time.perf_counter() - start
+    save_result(rec)
+    print(
+        f"{stage:10s} {impl:10s} N={n:>8d}: {rec['seconds']:9.2f} s  "
+        f"peak +{rec['peak_extra_mb']:8.0f} MB  {rec.get('note', '')}",
+        flush=True,
+    )
+    return rec
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="5000,50000")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--impls", default=None, help="comma-separated subset of implementations")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per measurement")
+    parser.add_argument("--report", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument("--worker", nargs=3, metavar=("STAGE", "IMPL", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        stage, impl, n = args.worker
+        print(json.dumps(run_worker(stage, impl, int(n))))
+        return
+    if args.report:
+        from bench import scale_report
+
+        scale_report.write(load_results(), REPORT, PLOT)
+        print(f"wrote {REPORT} and {PLOT}")
+        return
+    wanted = None if args.impls is None else set(args.impls.split(","))
+    for n in (int(s) for s in args.sizes.split(",")):
+        ensure_data(n)
+        for stage in args.stages.split(","):
+            if stage not in IMPLS:
+                raise SystemExit(f"unknown stage {stage!r}; expected one of {STAGES}")
+            for impl in IMPLS[stage]:
+                if wanted is None or impl in wanted:
+                    if stage == "diffusion" and impl == "diffusion" and n > FULL_KNN:
+                        continue
+                    measure(stage, impl, n, args.timeout)
+
+
+if __name__ == "__main__":
+    main()
