@@ -18,9 +18,9 @@ sort), so results are deterministic and match ``np.argsort(-s, kind="stable")``.
 
 Full ranking on CPU: XLA's CPU sort is a generic comparator sort, several times slower than
 NumPy's SIMD argsort, so on the CPU platform the sort of ``rank(..., k=None)`` runs in NumPy
-through ``jax.pure_callback`` (same order: a fast unstable sort, re-sorted stably in the rows
-that hold equal scores). GPU/TPU use ``lax.top_k`` with ``k = N``. The top-k path is pure XLA
-everywhere.
+through ``jax.pure_callback`` (same order: a SIMD sort of unique 64-bit keys, the float's
+order-preserving bits above the index, rows split over the cores). GPU/TPU use ``lax.top_k``
+with ``k = N``. The top-k path is pure XLA everywhere.
 
 Numerics: inputs of any float dtype (bfloat16 included) are cast to float32; the matrix product
 uses ``Precision.HIGHEST`` so GPUs/TPUs give the float32 ranking, not a TF32/bfloat16 one.
@@ -33,8 +33,10 @@ and only the shape checks run; call ``check_finite`` on the concrete inputs befo
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +115,8 @@ def _check_pair(queries: ArrayLike, database: ArrayLike, k: int | None, block_si
 
 
 def _similarities(queries: jax.Array, database: jax.Array) -> jax.Array:
-    return jnp.matmul(queries, database.T, precision=_HIGHEST)
+    # + 0.0 maps -0.0 to 0.0, so that lax.top_k treats the two zeros as equal (a tie).
+    return jnp.matmul(queries, database.T, precision=_HIGHEST) + 0.0
 
 
 def _merge(
@@ -233,16 +236,41 @@ def self_topk(
     )
 
 
+def _sort_rows_desc(s: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = argsort(-s[i])``, stable, for ``[R, N]`` float32 ``s`` (``N < 2**31``)."""
+    neg = -s + np.float32(0.0)  # + 0.0 turns -0.0 into 0.0: equal scores stay ties
+    bits = neg.view(np.int32)
+    # order-preserving integer image of the floats, index in the low 32 bits: unique keys, so
+    # a fast (SIMD, unstable) sort of the keys gives exactly the stable order.
+    key = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)
+    key <<= 32
+    key |= np.arange(s.shape[1], dtype=np.int64)
+    key.sort(axis=1)
+    out[...] = key & 0xFFFFFFFF
+
+
 def _host_argsort_desc(s: np.ndarray) -> np.ndarray:
-    """Stable descending argsort along the last axis, with NumPy (CPU only)."""
-    s = np.asarray(s)
-    neg = -s.reshape(-1, s.shape[-1])
-    idx = np.argsort(neg, axis=1)  # SIMD quicksort: fast but not stable
-    srt = np.take_along_axis(neg, idx, axis=1)
-    tied = np.any(srt[:, 1:] == srt[:, :-1], axis=1)
-    if tied.any():  # rows with equal scores: stable sort, lower index first
-        idx[tied] = np.argsort(neg[tied], axis=1, kind="stable")
-    return idx.astype(np.int32).reshape(s.shape)
+    """Stable descending argsort along the last axis, with NumPy (CPU only).
+
+    Rows are split over the CPU cores (NumPy's sort releases the GIL).
+    """
+    s = np.asarray(s, np.float32)
+    flat = s.reshape(-1, s.shape[-1])
+    out = np.empty(flat.shape, np.int32)
+    chunks = [c for c in np.array_split(np.arange(flat.shape[0]), _sort_pool()[1]) if c.size]
+    if len(chunks) <= 1:
+        _sort_rows_desc(flat, out)
+    else:
+        spans = [(int(c[0]), int(c[-1]) + 1) for c in chunks]
+        pool = _sort_pool()[0]
+        list(pool.map(lambda a: _sort_rows_desc(flat[a[0] : a[1]], out[a[0] : a[1]]), spans))
+    return out.reshape(s.shape)
+
+
+@functools.cache
+def _sort_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="rank"), workers
 
 
 def _argsort_desc_cpu(s: jax.Array) -> jax.Array:

@@ -164,9 +164,20 @@ def test_both_full_sort_paths_agree():
     s = rng.standard_normal((4, 50)).astype(np.float32)
     s[1, [3, 17, 40]] = 2.5  # a three-way tie at the top
     s[2, ::2] = 0.0  # many ties
+    s[3, :10], s[3, 10:20] = -0.0, 0.0  # the two zeros compare equal
     expected = np.argsort(-s, axis=1, kind="stable")
     np.testing.assert_array_equal(search._host_argsort_desc(s), expected)
-    np.testing.assert_array_equal(np.asarray(search._argsort_desc_xla(jnp.asarray(s))), expected)
+    # (the XLA path gets scores from _similarities, which has already mapped -0.0 to 0.0)
+    xla = search._argsort_desc_xla(jnp.asarray(s) + 0.0)
+    np.testing.assert_array_equal(np.asarray(xla), expected)
+    # the same through the public path, from inner products that give -0.0 and 0.0
+    database = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)
+    queries = np.array([[-0.0, 1.0], [0.0, -1.0]], np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(search.rank(queries, database)), [[2, 0, 1, 3], [0, 1, 3, 2]]
+    )
+    _, idx = search.topk(queries, database, 4, block_size=3)
+    np.testing.assert_array_equal(np.asarray(idx), [[2, 0, 1, 3], [0, 1, 3, 2]])
     np.testing.assert_array_equal(search._host_argsort_desc(s[None]), expected[None])
 
 
