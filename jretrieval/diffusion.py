@@ -352,10 +352,27 @@ def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
     return _cg(matvec, b, max_iter=max_iter, tol=tol)
 
 
-def _tiers(dense_max: int) -> list[int]:
-    """Block sizes of the dense path: few shapes, as each one is a separate compilation."""
-    top = -(-dense_max // 32) * 32
-    return [b for b in (128, 512) if b < top] + [top]
+# Speed heuristic of the dense path (results do not depend on it): a block size is worth its
+# own compilation (~1 s) only if it saves more than that many GEMM FLOPs (~5e10 FLOP/s on CPU).
+_COMPILE_FLOPS = 5e10
+
+
+def _tiers(sizes: np.ndarray, dense_max: int, max_iter: int) -> tuple[list[int], np.ndarray]:
+    """Block sizes of the dense path and each component's block size (0: per-node path).
+
+    Natural sizes are powers of two from 32 (a node costs ``2 B^2`` FLOPs per CG step, at most
+    4x its own component's); a size is merged into the next one while the extra FLOPs cost
+    less than a compilation.
+    """
+    pow2 = np.maximum(32, 2 ** np.ceil(np.log2(np.maximum(sizes, 1)))).astype(np.int64)
+    block = np.where(sizes <= dense_max, pow2, 0)
+    b, top = 32, int(block.max())
+    while b < top:
+        nodes = int(sizes[block == b].sum())
+        if 0 < nodes and nodes * 2 * 3 * b * b * max(max_iter, 1) < _COMPILE_FLOPS:
+            block[block == b] = 2 * b
+        b *= 2
+    return sorted(set(block[block > 0].tolist())), block
 
 
 def _pack(sizes: np.ndarray, capacity: int) -> list[list[int]]:
@@ -382,11 +399,10 @@ def _solve(ids, ids_kd, a_s, labels, *, max_iter, tol, dense_max, node_chunk) ->
     values = np.zeros((m, t), np.float32)
 
     work = []  # (kind, payload, node count)
-    big = sizes > dense_max
-    tiers = _tiers(dense_max)
-    tier_of = np.searchsorted(tiers, sizes)
-    for tier, b_size in enumerate(tiers):
-        sel = np.nonzero(~big & (tier_of == tier))[0]
+    tiers, block_of = _tiers(sizes, dense_max, max_iter)
+    big = block_of == 0
+    for b_size in tiers:
+        sel = np.nonzero(block_of == b_size)[0]
         blocks = []
         for block in _pack(sizes[sel], b_size):
             nodes = np.concatenate([order[starts[c] : starts[c + 1]] for c in sel[block]])
