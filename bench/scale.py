@@ -202,8 +202,8 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
                 y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-6
             elif rows == n:
                 jax.block_until_ready(sharded.dba(db, K_DBA, mesh=mesh).array)
-            else:  # the same blocked top-k work per row, on `rows` rows against all n
-                jax.block_until_ready(sharded.topk(db[:rows], db, K_DBA + 1, mesh=mesh))
+            else:  # the ring's work per row (1024-row chunks, 4096-row blocks) on `rows` rows
+                _rows_topk(db, rows, K_DBA + 1, mesh)
         else:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
@@ -226,6 +226,18 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
     rec.setdefault("seconds", seconds)
     rec.update(base_mb=base, peak_extra_mb=max(0.0, _peak_mb() - base))
     return rec
+
+
+def _rows_topk(db: np.ndarray, rows: int, k: int, mesh) -> None:
+    """The first ``rows`` database rows' top-``k`` against all, in the ring's blocking."""
+    import jax
+
+    from jretrieval import sharded
+
+    shards = sharded.shard_rows(db, mesh)
+    for s in range(0, rows, 1024):
+        out = sharded.topk(db[s : min(rows, s + 1024)], shards, k, mesh=mesh, block_size=4096)
+        jax.block_until_ready(out)
 
 
 def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
@@ -251,8 +263,9 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         return {"seconds": time.perf_counter() - t, "parts": {"total": time.perf_counter() - t}}
     if impl == "sharded":  # kNN on R rows + solves on S nodes of a table of the right shape
         rows = SUBSET_ROWS
+        _rows_topk(db, 1024, TRUNCATION, mesh)  # compile
         t = time.perf_counter()
-        jax.block_until_ready(sharded.topk(db[:rows], db, TRUNCATION, mesh=mesh))
+        _rows_topk(db, rows, TRUNCATION, mesh)
         parts["kNN (truncation lists)"] = (time.perf_counter() - t) * n / rows
         rng = np.random.default_rng(0)
         ids_kd = jnp.asarray(rng.integers(0, n, (n, KD), dtype=np.int32))
@@ -364,6 +377,128 @@ def measure(stage: str, impl: str, n: int, timeout: int) -> dict | None:
     return rec
 
 
+# ----------------------------------------------------------------------------- report
+
+LABELS = {
+    ("search", "sharded"): "jretrieval.sharded.topk",
+    ("search", "search"): "jretrieval.search.topk",
+    ("search", "faiss"): "faiss IndexFlatIP",
+    ("aqe", "sharded"): "jretrieval.sharded.aqe",
+    ("aqe", "faiss"): "faiss + NumPy",
+    ("dba", "sharded"): "jretrieval.sharded.dba",
+    ("dba", "faiss"): "faiss + NumPy",
+    ("diffusion", "sharded"): "jretrieval.sharded.offline",
+    ("diffusion", "diffusion"): "jretrieval.diffusion.offline",
+    ("diffusion", "scipy"): "authors' recipe (faiss, SciPy CG loop)",
+}
+REFERENCE = {"search": "faiss", "aqe": "faiss", "dba": "faiss", "diffusion": "scipy"}
+TITLES = {
+    "search": f"Search, top-{K_SEARCH} of {NQ} queries",
+    "aqe": f"AQE, k = {K_AQE}, {NQ} queries",
+    "dba": f"DBA, k = {K_DBA} (every database vector)",
+    "diffusion": f"Diffusion offline, truncation {TRUNCATION}, kd {KD}",
+}
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:,.0f}"
+
+
+def report_tables(results: list[dict]) -> str:
+    """Markdown tables: per stage and N, every implementation's time and peak extra memory,
+    and the reference's time over ours (``sharded``)."""
+    out = []
+    by = {(r["stage"], r["impl"], r["n"]): r for r in results}
+    for stage in STAGES:
+        sizes = sorted({r["n"] for r in results if r["stage"] == stage})
+        if not sizes:
+            continue
+        impls = [i for i in IMPLS[stage] if any(r["impl"] == i for r in results
+                                                  if r["stage"] == stage)]  # fmt: skip
+        out.append(f"### {TITLES[stage]}\n")
+        head = ["N"] + [f"{LABELS[(stage, i)]} s / MB" for i in impls]
+        head.append(f"{REFERENCE[stage]} / ours")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        notes = []
+        for n in sizes:
+            cells = [f"{n:,}"]
+            for i in impls:
+                r = by.get((stage, i, n))
+                if r is None:
+                    cells.append("-")
+                    continue
+                mark = "*" if r.get("note") else ""
+                cells.append(f"{_fmt_s(r['seconds'])}{mark} / {r['peak_extra_mb']:,.0f}")
+                if r.get("note"):
+                    notes.append(f"N={n:,}, {LABELS[(stage, i)]}: {r['note']}")
+            ours, ref = by.get((stage, "sharded", n)), by.get((stage, REFERENCE[stage], n))
+            ratio = ref["seconds"] / ours["seconds"] if ours and ref else None
+            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+            out.append("| " + " | ".join(cells) + " |")
+        if notes:
+            out.append("\n" + "\n".join(f"\\* {t}" for t in notes))
+        out.append("")
+    return "\n".join(out)
+
+
+def write_plot(results: list[dict], path: str) -> None:
+    """Log-log time and peak extra memory against N, one line per stage and implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = dict(zip(STAGES, ("C0", "C1", "C2", "C3"), strict=True))
+    styles = {"sharded": "-o", "search": ":^", "diffusion": ":s", "faiss": "--x", "scipy": "--x"}
+    for stage in STAGES:
+        for impl in IMPLS[stage]:
+            rs = sorted((r for r in results if (r["stage"], r["impl"]) == (stage, impl)),
+                        key=lambda r: r["n"])  # fmt: skip
+            if not rs:
+                continue
+            n = [r["n"] for r in rs]
+            label = f"{stage}: {LABELS[(stage, impl)]}"
+            axes[0].plot(n, [r["seconds"] for r in rs], styles[impl], color=colours[stage],
+                         label=label)  # fmt: skip
+            axes[1].plot(n, [max(r["peak_extra_mb"], 1) for r in rs], styles[impl],
+                         color=colours[stage], label=label)  # fmt: skip
+    for ax, ylabel in zip(axes, ("seconds (extrapolated points included)", "peak extra MB"),
+                          strict=True):  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("database size N (512-d)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BEGIN, END = "<!-- bench.scale tables: begin -->", "<!-- bench.scale tables: end -->"
+
+
+def write_report(results: list[dict]) -> None:
+    """Regenerates the measured tables of ``docs/benchmarks.md`` (between the ``BEGIN`` and
+    ``END`` markers; the rest of the file is hand-written) and the plot."""
+    write_plot(results, PLOT)
+    text = f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if os.path.exists(REPORT):
+        with open(REPORT) as f:
+            text = f.read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{REPORT} lacks the markers {BEGIN!r} / {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    text = f"{head}{BEGIN}\n{report_tables(results)}\n{END}{tail}"
+    tmp = REPORT + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, REPORT)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="5000,50000")
@@ -378,9 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(run_worker(stage, impl, int(n))))
         return
     if args.report:
-        from bench import scale_report
-
-        scale_report.write(load_results(), REPORT, PLOT)
+        write_report(load_results())
         print(f"wrote {REPORT} and {PLOT}")
         return
     wanted = None if args.impls is None else set(args.impls.split(","))

@@ -180,3 +180,51 @@ def test_data_parallel_extraction_and_recalibration(run):
         )
     ref_rec = ex.extract(rec, paths, **worker.EXTRACT_KW)[0]  # rec: the pytorch-mode encoder
     np.testing.assert_allclose(out["recal_extract"], ref_rec, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one device
+
+
+def test_process_slices_cover_the_list_in_order():
+    from jretrieval.distributed import process_slice
+
+    for n, count in ((13, 2), (3, 4), (0, 3), (100, 7)):
+        parts = [process_slice(n, process_index=p, process_count=count) for p in range(count)]
+        rows = [i for sl in parts for i in range(n)[sl]]
+        assert rows == list(range(n))
+        assert max(sl.stop - sl.start for sl in parts) <= -(-n // count) if n else True
+    with pytest.raises(ValueError, match="process_index=2"):
+        process_slice(5, process_index=2, process_count=2)
+
+
+def test_one_device_mesh_and_bad_arguments():
+    import jax
+
+    from jretrieval import distributed, sharded
+
+    mesh = distributed.make_mesh()
+    assert mesh.devices.size == jax.device_count() == 1 and mesh.axis_names == ("data",)
+    x = _inputs()["database"]
+    rows = sharded.shard_rows(x, mesh)
+    assert rows.n == 203 and rows.array.shape == (203, 24)
+    np.testing.assert_array_equal(rows.to_numpy(), x)
+    assert sharded.shard_rows(rows, mesh) is rows  # already placed: not copied again
+    q = _inputs()["queries"]
+    s, i = sharded.topk(q, rows, 0, mesh=mesh)
+    assert s.shape == i.shape == (9, 0)
+    with pytest.raises(ValueError, match="k=204 is out of range"):
+        sharded.topk(q, x, 204, mesh=mesh)
+    with pytest.raises(ValueError, match="different descriptor sizes"):
+        sharded.topk(q[:, :8], x, 3, mesh=mesh)
+    bad = x.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sharded.aqe(q, bad, 3, mesh=mesh)
+    with pytest.raises(ValueError, match="k=203 is out of range"):
+        sharded.dba(x, 203, mesh=mesh)
+    with pytest.raises(ValueError, match="kd=61"):
+        sharded.offline(x, mesh=mesh, truncation=60, kd=61)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        sharded.knn(x, 3, mesh=mesh, block_size=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sharded.diffusion_rank(q, x, mesh=mesh, mode="bogus")
