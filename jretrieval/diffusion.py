@@ -40,14 +40,21 @@ all ``N`` items, not only the first ``T``; (e) float32 CG (SciPy upcasts to floa
 
 Speed. The truncated systems only couple nodes of the same connected component of the mutual
 kNN graph, and ``x`` is exactly zero outside the node's own component; so nodes are grouped by
-component. A component of at most ``dense_max`` nodes is solved for all its nodes at once as
-dense matrix products (one matrix ``S_c`` shared by every node of the component, masked per node
-to its truncation set): this is exact and turns the per-node sparse matvecs into GEMMs. Nodes of
-larger components are solved per node on fixed-size ``[T, kd]`` neighbour tables (vmap over a
-chunk of nodes, jitted). Both paths run the same fixed-iteration CG (``lax.fori_loop``) with the
-tolerance stop masked per node. The neighbour step computes each row block's similarities with
-one matrix product and selects the truncation set by an exact bisection on the float order
-(``lax.top_k`` with ``k = T`` is much slower on CPU; only the first ``kd`` are sorted).
+component. Components of at most ``dense_max`` nodes are solved for all their nodes at once as
+dense matrix products (one block matrix shared by every node of a block of components, masked
+per node to its truncation set and component): exact, and it turns the per-node sparse matvecs
+into GEMMs (``_tiers`` picks a few block sizes, each a separate compilation). Nodes of larger
+components are solved per node on fixed-size ``[T, kd]`` neighbour tables (vmap over a chunk of
+nodes). Both paths run the same fixed-iteration CG (``lax.fori_loop``) with the tolerance stop
+masked per node. On a 2-core CPU (``bench/diffusion.py``, ``docs/bench_diffusion.md``) the
+GEMM path is ~4x faster than the authors' per-node SciPy loop, but the per-node path is only
+about as fast: XLA's CPU gathers cost about as much per padded table entry as SciPy's CSR loop
+per stored entry, and the tables hold ~4x more entries than the truncated subgraph (kd slots
+per row, ~12 inside the truncation set). Data whose mutual kNN graph has one large component
+(small, overlapping clusters) therefore gains little on CPU. The neighbour step computes each
+row block's similarities with one matrix product and selects the truncation set by an exact
+bisection on the float order (``lax.top_k`` with ``k = T`` is ~20x slower on CPU); only the
+first ``kd`` are sorted.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
 the numeric kernels inside are jitted with static shapes.
