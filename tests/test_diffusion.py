@@ -11,6 +11,7 @@ the row (float32 CG against float64 CG); rankings must be orderings of the refer
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -277,3 +278,28 @@ def test_bad_input(kwargs, match):
     q, db = args.pop("queries"), args.pop("database")
     with pytest.raises(ValueError, match=match):
         diffusion.rank(q, db, **args)
+
+
+def test_dense_block_sizes():
+    sizes = np.array([1, 40, 100, 2000])
+    tiers, block = diffusion._tiers(sizes, 1024, 20)  # cheap tiers merge into one compilation
+    assert tiers == [128] and block.tolist() == [128, 128, 128, 0]
+    tiers, block = diffusion._tiers(np.array([1, 40, 100, 2000] * 10**6), 1024, 20)
+    assert tiers == [32, 64, 128]  # enough nodes: each size pays for its compilation
+    assert diffusion._pack(np.array([5, 30, 20, 9]), 32) == [[1], [2, 3], [0]]
+
+
+def test_several_block_sizes_match_reference(monkeypatch):
+    # No merging: components of 40..160 nodes go to blocks of 64, 128 and 256 nodes.
+    monkeypatch.setattr(diffusion, "_COMPILE_FLOPS", 0.0)
+    x = np.concatenate([clustered(40 * (i + 1), dim=24, clusters=1, seed=i) for i in range(4)])
+    x = x + np.repeat(np.eye(4, 24, dtype=np.float32) * 3, [40, 80, 120, 160], axis=0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids, ids_kd, sims_kd = diffusion._neighbours(x, 100, 8)
+    _, mutual = diffusion._graph(jnp.asarray(ids_kd), jnp.asarray(sims_kd), 3.0, 0.99)
+    labels = np.asarray(diffusion._components(jnp.asarray(ids_kd), mutual))
+    tiers, _ = diffusion._tiers(np.unique(labels, return_counts=True)[1], 1024, 20)
+    assert len(tiers) >= 3
+    got = dense(diffusion.offline(x, truncation=100, kd=8))
+    ref = ref_offline(x, 100, 8)
+    assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
