@@ -19,8 +19,9 @@ L2 is ``x / (||x|| + 1e-6)`` (``jretrieval.whitening.l2_normalize``). Neighbours
 ``jretrieval.search.topk`` (AQE) and ``jretrieval.search.self_topk`` (DBA: half the inner
 products of the symmetric database x database matrix), ties lower index first, so memory is
 bounded by the block size. ``k`` is static; ``alpha`` may be traced. The public functions
-validate their inputs eagerly (shapes always, NaN/inf on concrete arrays) and call jitted
-implementations.
+check shapes eagerly, call jitted implementations that also return a finiteness flag of the
+inputs, and raise ``ValueError`` naming the argument when it is False (on concrete values;
+under an outer ``jit`` only shapes are checked).
 """
 
 from __future__ import annotations
@@ -58,21 +59,23 @@ def _expand(x: jax.Array, database: jax.Array, idx: jax.Array, w: jax.Array) -> 
 def _aqe_impl(queries, database, alpha, k, block_size):
     q = queries.astype(jnp.float32)
     db = database.astype(jnp.float32)
+    finite = search.finite_flag(q, db)
     if k == 0:
-        return l2_normalize(q)
+        return l2_normalize(q), finite
     scores, idx = search.topk(q, db, k, block_size=block_size)
-    return _expand(q, db, idx, _weights(scores, alpha))
+    return _expand(q, db, idx, _weights(scores, alpha)), finite
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block_size"))
 def _dba_impl(database, alpha, k, block_size):
     db = database.astype(jnp.float32)
+    finite = search.finite_flag(db)
     if k == 0:
-        return l2_normalize(db)
+        return l2_normalize(db), finite
     # k nearest others of every vector (own index excluded, duplicates kept), from the
     # symmetric similarity matrix block pair by block pair.
     scores, idx = search.self_topk(db, k, exclude_self=True, block_size=block_size)
-    return _expand(db, db, idx, _weights(scores, alpha))
+    return _expand(db, db, idx, _weights(scores, alpha)), finite
 
 
 def _check_k_alpha(k: int, alpha: float, limit: int, what: str) -> None:
@@ -102,15 +105,16 @@ def aqe(
     Returns:
       ``[Q, D]`` float32 expanded queries with unit-norm rows.
     """
-    search.check_descriptors(queries, "queries")
-    search.check_descriptors(database, "database")
-    qs, ds = jnp.shape(queries), jnp.shape(database)
+    qs = search.check_shape(queries, "queries")
+    ds = search.check_shape(database, "database")
     if qs[1] != ds[1]:
-        raise ValueError(
-            f"queries {tuple(qs)} and database {tuple(ds)} have different descriptor sizes"
-        )
-    _check_k_alpha(k, alpha, ds[0], f"database {tuple(ds)} has N = {ds[0]} vectors")
-    return _aqe_impl(jnp.asarray(queries), jnp.asarray(database), alpha, k=k, block_size=block_size)
+        raise ValueError(f"queries {qs} and database {ds} have different descriptor sizes")
+    _check_k_alpha(k, alpha, ds[0], f"database {ds} has N = {ds[0]} vectors")
+    out, finite = _aqe_impl(
+        jnp.asarray(queries), jnp.asarray(database), alpha, k=k, block_size=block_size
+    )
+    search.raise_if_not_finite(finite, queries=queries, database=database)
+    return out
 
 
 def dba(
@@ -128,9 +132,8 @@ def dba(
     Returns:
       ``[N, D]`` float32 augmented database with unit-norm rows.
     """
-    search.check_descriptors(database, "database")
-    n = jnp.shape(database)[0]
-    _check_k_alpha(
-        k, alpha, n - 1, f"database {tuple(jnp.shape(database))} has N - 1 = {n - 1} other vectors"
-    )
-    return _dba_impl(jnp.asarray(database), alpha, k=k, block_size=block_size)
+    ds = search.check_shape(database, "database")
+    _check_k_alpha(k, alpha, ds[0] - 1, f"database {ds} has N - 1 = {ds[0] - 1} other vectors")
+    out, finite = _dba_impl(jnp.asarray(database), alpha, k=k, block_size=block_size)
+    search.raise_if_not_finite(finite, database=database)
+    return out

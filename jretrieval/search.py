@@ -25,10 +25,12 @@ with ``k = N``. The top-k path is pure XLA everywhere.
 Numerics: inputs of any float dtype (bfloat16 included) are cast to float32; the matrix product
 uses ``Precision.HIGHEST`` so GPUs/TPUs give the float32 ranking, not a TF32/bfloat16 one.
 
-Validation: ``topk`` and ``rank`` are thin eager wrappers. Shapes (rank 2, matching ``D``,
-non-empty, ``k <= N``) are checked always, also while tracing; NaN/inf are checked when the
-arrays are concrete (called outside ``jax.jit``). Under an outer ``jit`` the values are tracers
-and only the shape checks run; call ``check_finite`` on the concrete inputs beforehand.
+Validation: ``topk``, ``rank`` and ``self_topk`` are thin eager wrappers. Shapes (rank 2,
+matching ``D``, non-empty, ``k <= N``) are checked always, also while tracing. NaN/inf: the
+jitted computation also returns ``finite_flag`` of its inputs (no extra pass or dispatch), and
+the wrapper raises ``ValueError`` naming the argument if it is False; this needs concrete
+values, so under an outer ``jit`` only the shape checks run (call ``check_finite`` on the
+concrete inputs beforehand).
 """
 
 from __future__ import annotations
@@ -44,9 +46,35 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-__all__ = ["check_descriptors", "check_finite", "rank", "self_topk", "topk"]
+__all__ = [
+    "check_descriptors",
+    "check_finite",
+    "check_shape",
+    "finite_flag",
+    "raise_if_not_finite",
+    "rank",
+    "self_topk",
+    "topk",
+]
 
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def check_shape(x: ArrayLike, name: str) -> tuple[int, int]:
+    """Raises ``ValueError`` unless ``x`` is a non-empty ``[N, D]`` float array; returns its
+    shape. Cheap (no values read), so it also runs on tracers."""
+    shape = tuple(np.shape(x))
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a [N, D] descriptor matrix, got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty: got shape {shape}, expected at least one row")
+    if shape[1] == 0:
+        raise ValueError(f"{name} has zero-dimensional descriptors: got shape {shape}")
+    dtype = getattr(x, "dtype", None)
+    dtype = np.result_type(x) if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a float array, got dtype {dtype} with shape {shape}")
+    return shape
 
 
 def check_descriptors(x: ArrayLike, name: str) -> None:
@@ -54,16 +82,7 @@ def check_descriptors(x: ArrayLike, name: str) -> None:
 
     The finiteness check runs only on concrete arrays (not inside ``jax.jit``).
     """
-    shape = tuple(jnp.shape(x))
-    if len(shape) != 2:
-        raise ValueError(f"{name} must be a [N, D] descriptor matrix, got shape {shape}")
-    if shape[0] == 0:
-        raise ValueError(f"{name} is empty: got shape {shape}, expected at least one row")
-    if shape[1] == 0:
-        raise ValueError(f"{name} has zero-dimensional descriptors: got shape {shape}")
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name} must be a float array, got dtype {dtype} with shape {shape}")
+    check_shape(x, name)
     check_finite(x, name)
 
 
@@ -88,15 +107,36 @@ def check_finite(x: ArrayLike, name: str) -> None:
     )
 
 
+def finite_flag(*arrays: jax.Array) -> jax.Array:
+    """Scalar bool: all of ``arrays`` are finite. Meant inside a jitted computation, so the
+    check costs no extra dispatch and runs alongside the main work; see ``raise_if_not_finite``.
+    """
+    flags = [jnp.all(jnp.isfinite(a)) for a in arrays]
+    return functools.reduce(jnp.logical_and, flags, jnp.array(True))
+
+
+def raise_if_not_finite(flag: jax.Array, **named: ArrayLike) -> None:
+    """After a jitted call that returned ``finite_flag(...)`` of the ``named`` inputs: raise
+    ``ValueError`` naming the first non-finite input (``check_finite``) if the flag is False.
+
+    A no-op when ``flag`` is a tracer (the caller is itself being traced).
+    """
+    if isinstance(flag, jax.core.Tracer) or bool(flag):
+        return
+    for name, x in named.items():
+        check_finite(x, name)
+    raise ValueError(f"non-finite values in {', '.join(named)}")
+
+
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 
 
 def _check_pair(queries: ArrayLike, database: ArrayLike, k: int | None, block_size: int) -> None:
-    check_descriptors(queries, "queries")
-    check_descriptors(database, "database")
-    qs, ds = jnp.shape(queries), jnp.shape(database)
+    """Shape checks of a query/database pair and of ``k`` and ``block_size`` (no values)."""
+    qs = check_shape(queries, "queries")
+    ds = check_shape(database, "database")
     if qs[1] != ds[1]:
         raise ValueError(
             f"queries and database have different descriptor sizes: queries {tuple(qs)}, "
@@ -136,13 +176,15 @@ def _merge(
 @functools.partial(jax.jit, static_argnames=("k", "block_size"))
 def _topk_impl(
     queries: jax.Array, database: jax.Array, k: int, block_size: int
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scores, indices, finite flag of the inputs)."""
     q = queries.astype(jnp.float32)
     db = database.astype(jnp.float32)
     n, d = db.shape
+    finite = finite_flag(q, db)
     if n <= block_size:  # one block: no scan needed
         scores, idx = lax.top_k(_similarities(q, db), k)
-        return scores, idx.astype(jnp.int32)
+        return scores, idx.astype(jnp.int32), finite
 
     num_blocks = math.ceil(n / block_size)
     db = jnp.pad(db, ((0, num_blocks * block_size - n), (0, 0)))
@@ -161,13 +203,14 @@ def _topk_impl(
         jnp.full((q.shape[0], k), n, jnp.int32),  # placeholders, always displaced (k <= N)
     )
     (scores, idx), _ = lax.scan(merge, init, (blocks, starts))
-    return scores, idx
+    return scores, idx, finite
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block_size", "exclude_self"))
 def _self_topk_impl(
     x: jax.Array, k: int, block_size: int, exclude_self: bool
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(scores, indices, finite flag of x)."""
     x = x.astype(jnp.float32)
     n, d = x.shape
     b = min(block_size, n)
@@ -198,7 +241,7 @@ def _self_topk_impl(
         jnp.full((nb, b, k), n, jnp.int32),  # placeholders, always displaced
     )
     (scores, idx), _ = lax.scan(step, init, jnp.asarray(pairs))
-    return scores.reshape(nb * b, k)[:n], idx.reshape(nb * b, k)[:n]
+    return scores.reshape(nb * b, k)[:n], idx.reshape(nb * b, k)[:n], finite_flag(x)
 
 
 def self_topk(
@@ -221,8 +264,7 @@ def self_topk(
       ``(scores, indices)``: float32 ``[N, k]`` descending and int32 ``[N, k]`` (ties: lower
       index first).
     """
-    check_descriptors(database, "database")
-    n = jnp.shape(database)[0]
+    n = check_shape(database, "database")[0]
     limit = n - 1 if exclude_self else n
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= limit:
         raise ValueError(
@@ -231,9 +273,11 @@ def self_topk(
         )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return _self_topk_impl(
+    scores, idx, finite = _self_topk_impl(
         jnp.asarray(database), k=k, block_size=block_size, exclude_self=exclude_self
     )
+    raise_if_not_finite(finite, database=database)
+    return scores, idx
 
 
 def _sort_rows_desc(s: np.ndarray, out: np.ndarray) -> None:
@@ -284,11 +328,14 @@ def _argsort_desc_xla(s: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _full_rank_impl(queries: jax.Array, database: jax.Array) -> jax.Array:
-    s = _similarities(queries.astype(jnp.float32), database.astype(jnp.float32))
+def _full_rank_impl(queries: jax.Array, database: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(indices, finite flag of the inputs)."""
+    q, db = queries.astype(jnp.float32), database.astype(jnp.float32)
+    s = _similarities(q, db)
     # XLA's CPU sort is a generic comparator sort, ~5x slower than NumPy's SIMD argsort on a
     # [70, 5063] block, so on CPU the sort runs in NumPy (a host callback; same order).
-    return lax.platform_dependent(s, cpu=_argsort_desc_cpu, default=_argsort_desc_xla)
+    idx = lax.platform_dependent(s, cpu=_argsort_desc_cpu, default=_argsort_desc_xla)
+    return idx, finite_flag(q, db)
 
 
 def topk(
@@ -311,7 +358,11 @@ def topk(
         arrays) NaN/inf values.
     """
     _check_pair(queries, database, k, block_size)
-    return _topk_impl(jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size)
+    scores, idx, finite = _topk_impl(
+        jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size
+    )
+    raise_if_not_finite(finite, queries=queries, database=database)
+    return scores, idx
 
 
 def rank(
@@ -330,5 +381,10 @@ def rank(
     """
     _check_pair(queries, database, k, block_size)
     if k is None:
-        return _full_rank_impl(jnp.asarray(queries), jnp.asarray(database))
-    return _topk_impl(jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size)[1]
+        idx, finite = _full_rank_impl(jnp.asarray(queries), jnp.asarray(database))
+    else:
+        _, idx, finite = _topk_impl(
+            jnp.asarray(queries), jnp.asarray(database), k=k, block_size=block_size
+        )
+    raise_if_not_finite(finite, queries=queries, database=database)
+    return idx

@@ -29,7 +29,9 @@ covariance uses ``Precision.HIGHEST``. Against a float64 reference, similarities
 largest.
 
 Validation: ``learn_pca`` and ``apply`` check shapes always and NaN/inf when given concrete
-arrays (eager), as ``jretrieval.search``; under an outer ``jax.jit`` only shapes are checked.
+arrays (``learn_pca`` before the eigendecomposition, ``apply`` through a flag returned by its
+jitted computation), as ``jretrieval.search``; under an outer ``jax.jit`` only shapes are
+checked.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from absl import logging
 from jax import lax
 from jax.typing import ArrayLike
 
-from jretrieval.search import check_descriptors
+from jretrieval.search import check_descriptors, check_shape, finite_flag, raise_if_not_finite
 
 __all__ = ["PCAWhitening", "apply", "l2_normalize", "learn_pca"]
 
@@ -151,7 +153,7 @@ def _apply_impl(w: PCAWhitening, x: jax.Array, dim: int) -> jax.Array:
     scale = jnp.where(evals > 0, lax.rsqrt(jnp.where(evals > 0, evals, 1.0)), 0.0)
     # Scaling the [D, dim] projection once is cheaper than scaling the [N, dim] result.
     y = jnp.matmul(x - w.mean, w.projection[:, :dim] * scale, precision=_HIGHEST)
-    return y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6)
+    return y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6), finite_flag(x)
 
 
 def apply(w: PCAWhitening, x: ArrayLike, *, dim: int | None = None) -> jax.Array:
@@ -172,7 +174,7 @@ def apply(w: PCAWhitening, x: ArrayLike, *, dim: int | None = None) -> jax.Array
             f"inconsistent PCAWhitening: mean {jnp.shape(w.mean)}, projection {(d, k)}, "
             f"eigenvalues {jnp.shape(w.eigenvalues)} (expected [D], [D, K], [K])"
         )
-    check_descriptors(x, "x")
+    check_shape(x, "x")
     if jnp.shape(x)[1] != d:
         raise ValueError(f"x has shape {tuple(jnp.shape(x))} but the whitening expects D = {d}")
     if dim is None:
@@ -182,4 +184,6 @@ def apply(w: PCAWhitening, x: ArrayLike, *, dim: int | None = None) -> jax.Array
             f"dim={dim!r} is out of range: the whitening has {k} components (projection "
             f"{(d, k)}; K = min(N, D) of its learning set), expected 1 <= dim <= {k}"
         )
-    return _apply_impl(w, jnp.asarray(x), dim=dim)
+    y, finite = _apply_impl(w, jnp.asarray(x), dim=dim)
+    raise_if_not_finite(finite, x=x)
+    return y
