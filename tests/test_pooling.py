@@ -83,9 +83,9 @@ def test_hand_computed_grids(shape):
 
 
 def test_grid_matches_cirtorch_for_all_small_shapes():
-    # Every H, W in 1..40 (non-square both ways, maps too small for some levels).
-    for height in range(1, 41):
-        for width in range(1, 41):
+    # Every H, W in 1..32 (non-square both ways, maps too small for some levels).
+    for height in range(1, 33):
+        for width in range(1, 33):
             _, regions = torch_rmac(torch.zeros(1, 1, height, width))
             assert list(pooling.rmac_regions(height, width, 3)) == regions, (height, width)
     _, regions = torch_rmac(torch.zeros(1, 1, 9, 31), levels=5)

@@ -181,7 +181,7 @@ def test_both_full_sort_paths_agree():
     np.testing.assert_array_equal(search._host_argsort_desc(s[None]), expected[None])
 
 
-@pytest.mark.parametrize("block_size", [1, 16, 512])
+@pytest.mark.parametrize("block_size", [5, 512])
 def test_self_topk_equals_masked_argsort(block_size):
     # 23 vectors with duplicated rows (ties between different indices), several block sizes
     # including ones that do not divide N.
