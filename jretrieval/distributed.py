@@ -65,14 +65,17 @@ __all__ = [
     "allgather_rows",
     "extract",
     "initialize",
+    "is_main_process",
     "local_mesh",
     "make_mesh",
     "make_step",
     "mesh_size",
     "process_slice",
     "recalibrate_bn",
+    "recalibrate_images",
     "replicate",
     "shard_batch",
+    "sync",
     "to_host",
 ]
 
@@ -156,6 +159,10 @@ def process_slice(
     return slice(min(n, p * per), min(n, (p + 1) * per))
 
 
+def _is_local(mesh: Mesh) -> bool:
+    return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def _axis(mesh: Mesh) -> str:
     if len(mesh.axis_names) != 1:
         raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names} {mesh.devices.shape}")
@@ -175,19 +182,30 @@ def shard_batch(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
             f"batch of shape {tuple(x.shape)}: size {x.shape[0]} is not a multiple of the "
             f"{local} local devices of the mesh; pad it (extract.padded_batch_size)"
         )
-    if jax.process_count() == 1:
+    if _is_local(mesh):
         return jax.device_put(x, sharding)
     return multihost_utils.host_local_array_to_global_array(x, mesh, P(_axis(mesh)))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf of ``tree`` replicated on every device of ``mesh``."""
-    if jax.process_count() > 1:
+    if not _is_local(mesh):
         return multihost_utils.host_local_array_to_global_array(
             jax.tree.map(np.asarray, tree), mesh, P()
         )
     sharding = NamedSharding(mesh, P())
     return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (a no-op on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes shared outputs (process 0)."""
+    return jax.process_index() == 0
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -207,7 +225,7 @@ def make_step(encoder: Any, mesh: Mesh | None = None, **kwargs: Any) -> Callable
     The variables are replicated once here; each call shards the batch along ``B``. With
     ``mesh=None`` (or one device) this is ``extract.make_step`` itself.
     """
-    if mesh_size(mesh) == 1 and jax.process_count() == 1:
+    if mesh_size(mesh) == 1 and (mesh is None or _is_local(mesh)):
         return extract_lib.make_step(encoder, **kwargs)
     encoder = _with_variables(encoder, replicate(encoder.variables, mesh))
     step = extract_lib.make_step(encoder, **kwargs)
@@ -402,17 +420,8 @@ def extract(
       process.
     """
     if jax.process_count() == 1:
-        n = mesh_size(mesh)
-        if n > 1:
-            kwargs.setdefault("pad_multiple", n)
-            kwargs.setdefault("step", make_step(encoder, mesh, **_step_kwargs(kwargs)))
-        return extract_lib.extract(encoder, paths, store=store, **kwargs)
+        return extract_lib.extract(encoder, paths, store=store, mesh=mesh, **kwargs)
     return _extract_multihost(encoder, list(paths), mesh=mesh, store=store, **kwargs)
-
-
-def _step_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("pooling", "pooling_kwargs", "map_size", "map_method")
-    return {k: kwargs[k] for k in keys if k in kwargs}
 
 
 def _extract_multihost(
@@ -444,11 +453,6 @@ def _extract_multihost(
         raise ValueError(f"ids/bbx have {len(ids)}/{None if bbx is None else len(bbx)} entries "
                          f"for {n} paths")  # fmt: skip
     local = local_mesh(mesh)
-    k = mesh_size(local)
-    step_kwargs = _step_kwargs(kwargs)
-    if k > 1:
-        kwargs.setdefault("pad_multiple", k)
-        kwargs.setdefault("step", make_step(encoder, local, **step_kwargs))
     part = None if store is None else f"{store}.part{p}of{count}"
     if sl.stop > sl.start:
         rows, rep = extract_lib.extract(
@@ -457,6 +461,7 @@ def _extract_multihost(
             bbx=None if bbx is None else bbx[sl],
             ids=ids[sl],
             store=part,
+            mesh=local,
             desc=f"{kwargs.pop('desc', 'extract')} [process {p}/{count}]",
             **kwargs,
         )

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -214,6 +215,7 @@ def recalibrate_bn(
     momentum: float | None = 0.1,
     total: int | None = None,
     desc: str = "recalibrate BN",
+    mesh: Any = None,
 ) -> Any:
     """Re-estimates every BatchNorm's statistics with training-mode passes over ``batches``.
 
@@ -228,10 +230,19 @@ def recalibrate_bn(
         for torch's cumulative average. Ignored by ``"exact"``.
       total: number of images expected, for the progress log.
       desc: progress label.
+      mesh: a ``jax.sharding.Mesh`` (``jretrieval.distributed.make_mesh``): each batch is
+        sharded over its devices and the statistics are those of the whole batch (all-reduced),
+        as on one device; ``None``: the default device.
 
     Returns:
       The encoder with its ``batch_stats`` replaced (same tree, float32); params unchanged.
     """
+    if mesh is not None:
+        from jretrieval import distributed
+
+        return distributed.recalibrate_bn(
+            encoder, batches, mesh=mesh, mode=mode, momentum=momentum, total=total, desc=desc
+        )
     if mode not in MODES:
         raise ValueError(f"recalibration mode={mode!r}; expected one of {MODES}")
     if momentum is not None and not 0.0 < momentum <= 1.0:
@@ -454,6 +465,7 @@ def extract(
     pad_multiple: int = 1,
     loader: Callable[..., np.ndarray] | None = None,
     desc: str = "extract",
+    mesh: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Descriptors of ``paths``, through the resumable HDF5 store when ``store`` is given.
 
@@ -482,6 +494,10 @@ def extract(
       pad_multiple: padded batch sizes are multiples of this (the mesh's batch axis size).
       loader: replacement for ``images.load_image`` (tests, other storage).
       desc: progress label.
+      mesh: a ``jax.sharding.Mesh`` (``jretrieval.distributed.make_mesh``): data-parallel
+        extraction, each batch padded to a multiple of the device count and sharded over them,
+        weights replicated (``distributed.make_step``); ``None``: the default device. (Several
+        processes: ``jretrieval.distributed.extract`` splits the image list between them.)
 
     Returns:
       ``(descriptors float32 [N_kept, D], report)``: ``report`` has ``kept`` (int64 indices of
@@ -499,6 +515,20 @@ def extract(
         raise ValueError(f"bbx has {len(bbx)} boxes for {len(paths)} paths")
     if batch_size < 1 or pad_multiple < 1:
         raise ValueError(f"batch_size={batch_size}, pad_multiple={pad_multiple}; expected >= 1")
+    if step is None and mesh is not None:
+        from jretrieval import distributed
+
+        mesh = distributed.local_mesh(mesh)  # this process's devices (its own image list)
+    if step is None and mesh is not None and mesh.devices.size > 1:
+        step = distributed.make_step(
+            encoder,
+            mesh,
+            pooling=pooling,
+            pooling_kwargs=pooling_kwargs,
+            map_size=map_size,
+            map_method=map_method,
+        )
+        pad_multiple = math.lcm(pad_multiple, mesh.devices.size)
     if step is None:
         step = make_step(
             encoder,

@@ -156,12 +156,11 @@ def run_sharded(folder: str) -> None:
     desc, rep = dist.extract(enc, paths, mesh=mesh, **EXTRACT_KW)
     out["extract"], out["extract_kept"] = desc, rep["kept"]
     out["extract_shapes"] = np.asarray(rep["shapes"])
-    rec = dist.recalibrate_bn(enc, recal_batches(paths), mesh=mesh, mode="exact")
+    rec = ex.recalibrate_bn(enc, recal_batches(paths), mesh=mesh, mode="exact")
     out.update({f"exact/{k}": v for k, v in _stats(rec).items()})
     rec = dist.recalibrate_images(enc, paths, mesh=mesh, mode="pytorch", **RECAL_KW)
     out.update({f"pytorch/{k}": v for k, v in _stats(rec).items()})
-    out["recal_extract"] = dist.extract(rec, paths, mesh=mesh, **EXTRACT_KW)[0]
-    del ex
+    out["recal_extract"] = ex.extract(rec, paths, mesh=mesh, **EXTRACT_KW)[0]
     np.savez(os.path.join(folder, "sharded.npz"), **out)
 
 
