@@ -4,7 +4,7 @@ Run from the repo root (about 10 min on 2 cores; run it when the machine is othe
 ``uptime``):
 
     python -m bench.extract [--batch-sizes 1,4] [--repeats 5] [--size 724]
-    python -m bench.extract --xla-variants   # also XLA CPU flag variants, one subprocess each
+    python -m bench.extract --parts=main,variants   # also XLA CPU compiler option variants
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
 inside its jitted step exactly as extraction does (``jretrieval.extract.make_step``: ``/255``,
@@ -36,8 +36,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,17 +43,20 @@ from typing import Any
 import numpy as np
 
 DOC = "docs/bench_extract.md"
-#: XLA CPU flags tried by ``--xla-variants`` (each one alone, in its own subprocess).
-XLA_VARIANTS = (
-    "",
-    "--xla_cpu_use_thunk_runtime=false",
-    "--xla_cpu_use_onednn=true",
-    "--xla_cpu_use_xnnpack=true",
-    "--xla_cpu_experimental_onednn_fusion_type=+convolution",
-    "--xla_cpu_prefer_vector_width=512",
-    "--xla_cpu_enable_fast_math=true",
-    "--xla_cpu_multi_thread_eigen=false",
-)
+#: XLA CPU compiler options tried by ``--xla-variants`` (``jax.jit(...).lower(x).compile(
+#: compiler_options=...)``, the per-executable form of ``XLA_FLAGS``), each beside the default in
+#: the same interleaved rounds. jax 0.10's XLA CPU lowers convolutions to YNNPACK fusions by
+#: default; ``xla_cpu_experimental_ynn_fusion_type=""`` turns that off (Eigen convolutions, 1x1
+#: convolutions rewritten as dots); ``LIBRARY_FUSION_TYPE_ELTWISE`` lets YNNPACK take whole
+#: conv + BN + ReLU (+ residual) subgraphs (compiles for minutes at 724 px).
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+XLA_VARIANTS: dict[str, dict[str, Any]] = {
+    "default (YNNPACK convolutions)": {},
+    f'{YNN}="" (Eigen convolutions)': {YNN: ""},
+    f"{YNN}=LIBRARY_FUSION_TYPE_ELTWISE": {YNN: "LIBRARY_FUSION_TYPE_ELTWISE"},
+    "xla_cpu_enable_fast_math=true": {"xla_cpu_enable_fast_math": True},
+    "xla_cpu_use_onednn=true": {"xla_cpu_use_onednn": True},
+}
 
 
 def cores() -> int:
@@ -79,22 +80,29 @@ def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
 
-def jretrieval_step(dtype: str) -> Callable[[np.ndarray], Any]:
-    """The extraction step of a random ResNet-50 (``uint8 [B,H,W,3] -> [B,2048]``) in ``dtype``."""
-    import jax.numpy as jnp
+def jretrieval_step(
+    dtype: str, x: np.ndarray, options: dict[str, Any] | None = None
+) -> Callable[[np.ndarray], Any]:
+    """The extraction step of a random ResNet-50 (``uint8 [B,H,W,3] -> [B,2048]``) in ``dtype``,
+    compiled for ``x``'s shape with XLA ``options`` (``None``: plain jit, the default flags)."""
+    import jax
 
     from jretrieval import models
     from jretrieval.extract import make_step
 
     encoder = models.init_encoder({"name": "resnet", "depth": 50, "width": 1}, seed=0)
-    if dtype != "float32":
-        encoder = encoder.replace(module=encoder.module.clone(dtype=jnp.dtype(dtype)))
+    encoder = encoder.with_dtype(dtype)
     step = make_step(encoder, pooling="rmac", pooling_kwargs={"levels": 3})
-    return lambda x: step(x).block_until_ready()
+    if options is not None:
+        step = jax.jit(step).lower(x).compile(compiler_options=options)
+    return lambda images: step(images).block_until_ready()
 
 
-def torch_step(dtype: str, layout: str, batch: int, size: int) -> Callable[[np.ndarray], Any]:
-    """PyTorch ResNet-50 forward (float input prepared once; ``x`` is ignored)."""
+def torch_step(
+    dtype: str, layout: str, batch: int, size: int, threads: int
+) -> Callable[[np.ndarray], Any]:
+    """PyTorch ResNet-50 forward on ``threads`` threads (float input prepared once; the
+    argument of the returned function is ignored)."""
     import torch
 
     from tests.torch_reference import torch_resnet
@@ -112,62 +120,91 @@ def torch_step(dtype: str, layout: str, batch: int, size: int) -> Callable[[np.n
         x = x.contiguous()
 
     def run(_: np.ndarray) -> Any:
+        torch.set_num_threads(threads)
         with torch.inference_mode():
             return model(x)
 
     return run
 
 
-def measure(batch_sizes: list[int], size: int, repeats: int, warmup: int = 2) -> list[dict]:
-    """Images/s of every configuration (median over interleaved rounds)."""
-    import jax
-    import torch
+def run_rounds(
+    configs: list[tuple[dict, Callable]], x: np.ndarray, repeats: int, warmup: int = 2
+) -> list[dict]:
+    """Times every ``(info, fn)`` on ``x``: ``warmup`` calls each, then ``repeats`` rounds that
+    call every configuration once (order rotated each round). Adds ``seconds``,
+    ``images_per_s`` (batch / median) and ``best_images_per_s`` (batch / minimum) to ``info``."""
+    times: list[list[float]] = [[] for _ in configs]
+    for info, fn in configs:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            fn(x)
+        print(f"  warm-up {info}: {time.perf_counter() - start:.1f}s", flush=True)
+    for r in range(repeats):
+        order = list(range(len(configs)))
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for i in order:
+            start = time.perf_counter()
+            configs[i][1](x)
+            times[i].append(time.perf_counter() - start)
+        print(f"  round {r + 1}/{repeats}, load {os.getloadavg()[0]:.2f}", flush=True)
+    batch = len(x)
+    return [
+        {
+            **info,
+            "batch": batch,
+            "seconds": ts,
+            "images_per_s": batch / statistics.median(ts),
+            "best_images_per_s": batch / min(ts),
+        }
+        for (info, _), ts in zip(configs, times, strict=True)
+    ]
 
-    torch.set_num_threads(cores())
+
+def measure(batch_sizes: list[int], size: int, repeats: int) -> list[dict]:
+    """Images/s of jretrieval and PyTorch, float32 and bfloat16, at each batch size."""
+    import jax
+
     rows = []
     for batch in batch_sizes:
         x = images(batch, size)
         configs: list[tuple[dict, Callable]] = []
         for dtype in ("float32", "bfloat16"):
-            configs.append(
-                (
-                    {"framework": "jretrieval", "dtype": dtype, "layout": "NHWC (XLA)"},
-                    jretrieval_step(dtype),
-                )
-            )
+            info = {"framework": "jretrieval", "dtype": dtype, "layout": "NHWC (XLA)"}
+            configs.append((info, jretrieval_step(dtype, x)))
             for layout in ("contiguous", "channels_last"):
-                configs.append(
-                    (
-                        {"framework": "pytorch", "dtype": dtype, "layout": layout},
-                        torch_step(dtype, layout, batch, size),
-                    )
-                )
-        times: list[list[float]] = [[] for _ in configs]
-        for info, fn in configs:
-            start = time.perf_counter()
-            for _ in range(warmup):
-                fn(x)
-            print(f"  warm-up {info} batch {batch}: {time.perf_counter() - start:.1f}s", flush=True)
-        for r in range(repeats):
-            order = list(range(len(configs)))
-            order = order[r % len(order) :] + order[: r % len(order)]
-            for i in order:
-                start = time.perf_counter()
-                configs[i][1](x)
-                times[i].append(time.perf_counter() - start)
-            print(
-                f"  batch {batch} round {r + 1}/{repeats} load {os.getloadavg()[0]:.2f}", flush=True
-            )
-        for (info, _), ts in zip(configs, times, strict=True):
-            med = statistics.median(ts)
-            rows.append({**info, "batch": batch, "seconds": ts, "images_per_s": batch / med})
+                info = {"framework": "pytorch", "dtype": dtype, "layout": layout}
+                configs.append((info, torch_step(dtype, layout, batch, size, cores())))
+        if cores() > 1:  # OpenMP threads stall when other processes hold a core
+            info = {"framework": "pytorch", "dtype": "float32", "layout": "contiguous, 1 thread"}
+            configs.append((info, torch_step("float32", "contiguous", batch, size, 1)))
+        rows += run_rounds(configs, x, repeats)
         del configs
         jax.clear_caches()
     return rows
 
 
+def xla_variants(batch: int, size: int, repeats: int) -> list[dict]:
+    """jretrieval float32 and bfloat16 under each of ``XLA_VARIANTS``, interleaved."""
+    x = images(batch, size)
+    configs = []
+    for dtype in ("float32", "bfloat16"):
+        for name, options in XLA_VARIANTS.items():
+            start = time.perf_counter()
+            fn = jretrieval_step(dtype, x, options)
+            compile_s = time.perf_counter() - start
+            configs.append(({"variant": name, "dtype": dtype, "compile_s": compile_s}, fn))
+    rows = run_rounds(configs, x, repeats)
+    for row in rows:
+        base = next(
+            r for r in rows if r["dtype"] == "float32" and r["variant"] == next(iter(XLA_VARIANTS))
+        )
+        row["ratio"] = row["images_per_s"] / base["images_per_s"]
+    return rows
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Adds ``ratio``: images/s over the faster PyTorch float32 layout at the same batch size."""
+    """Adds ``ratio``: images/s over the fastest PyTorch float32 row (any layout or thread
+    count) at the same batch size."""
     for row in rows:
         ref = max(
             r["images_per_s"]
@@ -182,84 +219,29 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| framework | dtype | layout | batch | images/s | s/batch (median) "
-        "| ratio to PyTorch fp32 |",
+        "| framework | dtype | layout | batch | images/s (median) | images/s (best) "
+        "| ratio to PyTorch fp32 (median) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['framework']} | {r['dtype']} | {r['layout']} | {r['batch']} | "
-            f"{r['images_per_s']:.3f} | {statistics.median(r['seconds']):.2f} | "
-            f"{r['ratio']:.2f}x |"
+            f"{r['images_per_s']:.3f} | {r['best_images_per_s']:.3f} | {r['ratio']:.2f}x |"
         )
     return "\n".join(lines)
 
 
-def child_variant(batch: int, size: int, repeats: int) -> None:
-    """One jretrieval float32 measurement under the current ``XLA_FLAGS``; prints JSON."""
-    step = jretrieval_step("float32")
-    x = images(batch, size)
-    start = time.perf_counter()
-    step(x)
-    first = time.perf_counter() - start
-    step(x)
-    ts = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(x)
-        ts.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {"first_call_s": first, "seconds": ts, "images_per_s": batch / statistics.median(ts)}
-        )
-    )
-
-
-def xla_variants(batch: int, size: int, repeats: int) -> list[dict]:
-    """jretrieval float32 images/s under each of ``XLA_VARIANTS`` (fresh process each)."""
-    out = []
-    for flags in (*XLA_VARIANTS, ""):  # the default again at the end: a drift check
-        env = {**os.environ, "XLA_FLAGS": flags}
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.extract",
-            "--child-variant",
-            f"--batch-sizes={batch}",
-            f"--size={size}",
-            f"--repeats={repeats}",
-        ]
-        load = os.getloadavg()[0]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if run.returncode != 0:
-            tail = (run.stderr.strip().splitlines() or ["?"])[-1]
-            out.append({"flags": flags, "error": tail[:200], "load": load})
-        else:
-            out.append({"flags": flags, "load": load, **json.loads(run.stdout.splitlines()[-1])})
-        print(
-            f"  XLA_FLAGS={flags!r}: {out[-1].get('images_per_s', out[-1].get('error'))}",
-            flush=True,
-        )
-    return out
-
-
-def variants_table(variants: list[dict]) -> str:
-    base = statistics.median(
-        [v["images_per_s"] for v in variants if v["flags"] == "" and "images_per_s" in v]
-    )
+def variants_table(rows: list[dict]) -> str:
     lines = [
-        "| XLA_FLAGS | images/s | ratio to default | first call (compile) s | load |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| XLA compiler option | dtype | images/s (median) | images/s (best) "
+        "| ratio to default fp32 | compile + first call s |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for v in variants:
-        name = f"`{v['flags']}`" if v["flags"] else "(default)"
-        if "error" in v:
-            lines.append(f"| {name} | failed: {v['error']} | | | {v['load']:.1f} |")
-        else:
-            lines.append(
-                f"| {name} | {v['images_per_s']:.3f} | {v['images_per_s'] / base:.2f}x | "
-                f"{v['first_call_s']:.1f} | {v['load']:.1f} |"
-            )
+    for r in rows:
+        lines.append(
+            f"| `{r['variant']}` | {r['dtype']} | {r['images_per_s']:.3f} | "
+            f"{r['best_images_per_s']:.3f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -305,57 +287,56 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--size", type=int, default=724)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--xla-variants", action="store_true")
-    parser.add_argument("--child-variant", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=DOC, help="results table (markdown); '' to skip")
+    parser.add_argument(
+        "--parts", default="main", help="comma-separated: main (the comparison), variants (XLA)"
+    )
+    parser.add_argument("--out", default=DOC, help="results file (markdown); '' to skip")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"main", "variants"}:
+        raise ValueError(f"--parts={args.parts!r}; expected a subset of main,variants")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if args.child_variant:
-        child_variant(batch_sizes[0], args.size, args.repeats)
-        return
-    load_before = os.getloadavg()
-    rows = with_ratios(measure(batch_sizes, args.size, args.repeats))
-    load_after = os.getloadavg()
+    import torch
+
+    torch.set_num_threads(cores())  # XLA CPU uses every core too
     env = environment()
-    result = table(rows)
-    print(result)
-    variants = None
-    if args.xla_variants:
-        variants = xla_variants(1, args.size, max(3, args.repeats // 2))
-        print(variants_table(variants))
-    print(json.dumps({"environment": env, "load_before": load_before, "load_after": load_after}))
+    sections = []
+    if "main" in parts:
+        load_before = os.getloadavg()
+        rows = with_ratios(measure(batch_sizes, args.size, args.repeats))
+        sections.append(("main", rows, load_before, os.getloadavg()))
+        print(table(rows))
+    if "variants" in parts:
+        load_before = os.getloadavg()
+        rows = xla_variants(batch_sizes[0], args.size, args.repeats)
+        sections.append(("variants", rows, load_before, os.getloadavg()))
+        print(variants_table(rows))
+    print(json.dumps(env))
     if args.out:
-        write_doc(args.out, render(env, rows, variants, load_before, load_after, args))
+        write_doc(args.out, render(env, sections, args))
 
 
-def render(
-    env: dict,
-    rows: list[dict],
-    variants: list[dict] | None,
-    load_before: tuple,
-    load_after: tuple,
-    args: argparse.Namespace,
-) -> str:
-    """The markdown body of ``docs/bench_extract.md`` (measured part only)."""
+def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> str:
+    """The generated markdown of ``docs/bench_extract.md``."""
+    loads = lambda v: " / ".join(f"{x:.2f}" for x in v)
     parts = [
-        "Generated by `python -m bench.extract` (this part is rewritten on every run).",
+        f"Generated by `python -m bench.extract --parts={args.parts} "
+        f"--batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (rewritten on every run).",
         "",
         f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']} "
         f"({env['torch_threads']} threads), jax {env['jax']}, XLA_FLAGS="
-        f"`{env['XLA_FLAGS'] or '(none)'}`.",
-        f"Input {args.size}x{args.size}, median of {args.repeats} interleaved rounds, two warm-up "
-        f"calls excluded. Load average (1/5/15 min) before: "
-        f"{' / '.join(f'{v:.2f}' for v in load_before)}, after: "
-        f"{' / '.join(f'{v:.2f}' for v in load_after)}.",
-        "",
-        table(rows),
+        f"`{env['XLA_FLAGS'] or '(none)'}`. Input {args.size}x{args.size}; each figure is "
+        f"batch size over the median (or the minimum: best) of {args.repeats} interleaved "
+        "rounds, two warm-up calls excluded.",
     ]
-    if variants is not None:
+    for name, rows, before, after in sections:
+        title = "jretrieval vs PyTorch" if name == "main" else "XLA CPU compiler options"
         parts += [
             "",
-            "XLA CPU flag variants (jretrieval float32, batch 1, one process each):",
+            f"**{title}** (load average 1/5/15 min before: {loads(before)}; after: {loads(after)})",
             "",
-            variants_table(variants),
+            table(rows) if name == "main" else variants_table(rows),
         ]
     return "\n".join(parts) + "\n"
 

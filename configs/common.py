@@ -17,7 +17,8 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
   pooling: AMDIM 40x40 -> 23x23).
 - ``data``: dataset name and root folder (``jretrieval.datasets.load_dataset``).
 - ``bn``: BN recalibration (``mode`` exact | pytorch | none, ``momentum``, ``batch_size``).
-- ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``.
+- ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``, ``dtype``
+  (encoder compute dtype, ``float32`` or ``bfloat16``; ``--config.extraction.dtype=bfloat16``).
 - ``pooling``: ``name`` (rmac, mac, spoc, gem) and its ``levels`` / ``p``.
 - ``whitening``: ``dim`` (512; ``"none"`` = no PCA, the "True dim." of Table 3; a tuple sweeps),
   ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors).
@@ -141,6 +142,9 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.extraction.batch_size = 8
     config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
     config.extraction.num_threads = config_dict.placeholder(int)
+    # Encoder compute dtype: float32 | bfloat16 (BN statistics, pooling and everything after in
+    # float32; docs/bench_extract.md has its speed and its effect on mAP).
+    config.extraction.dtype = "float32"
 
     config.pooling = ml_collections.ConfigDict()
     config.pooling.name = "rmac"

@@ -286,7 +286,8 @@ def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
     spec = _zoo_entry(config, name)
     encoder = load_encoder(config, name)
     t_load = time.perf_counter()
-    encoder = recalibrate(config, name, encoder, dataset)
+    encoder = recalibrate(config, name, encoder, dataset)  # BN statistics in float32
+    encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
     t_bn = time.perf_counter()
     pooling, pooling_kwargs = _pooling(config, spec)
     map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
@@ -447,6 +448,11 @@ def evaluate_row(
 
 
 def _check_config(config: Any) -> None:
+    dtype = config.extraction.get("dtype", "float32")
+    if dtype not in models.COMPUTE_DTYPES:
+        raise ValueError(
+            f"extraction.dtype={dtype!r}; expected one of {list(models.COMPUTE_DTYPES)}"
+        )
     if config.whitening.learn_on not in LEARN_ON:
         raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
     if config.bn.mode not in BN_MODES:

@@ -21,6 +21,9 @@ reference above 0.999 (measured 1 - 2e-6); float32 above 1 - 1e-6.
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +79,7 @@ def relative_errors(out: jax.Array, ref: np.ndarray) -> np.ndarray:
 
 
 def bf16(encoder: models.Encoder) -> models.Encoder:
-    return encoder.replace(module=encoder.module.clone(dtype=jnp.bfloat16))
+    return encoder.with_dtype("bfloat16")
 
 
 def test_feature_map_bfloat16_close_to_float32(setup):
@@ -107,3 +110,95 @@ def test_rmac_bfloat16_cosine_to_float32(setup):
     cos16 = cosine(np.asarray(d16, np.float64), want)
     assert cos16.min() > 0.999, cos16
     assert cosine(np.asarray(d16, np.float64), np.asarray(d32, np.float64)).min() > 0.999
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    [
+        {"name": "resnet", "depth": 50},
+        {"name": "apgem", "depth": 50, "pca_dim": 0},
+        {"name": "amdim", "ndf": 8, "n_rkhs": 64, "n_depth": 1},
+    ],
+)
+def test_with_dtype_every_architecture(architecture):
+    module = models.build(architecture)
+    enc = models.Encoder(module, {}, architecture, dict(models.IMAGENET))
+    assert enc.with_dtype("float32") is enc  # float32 modules are left as they are
+    enc16 = enc.with_dtype("bfloat16")
+    assert enc16.module.dtype == jnp.bfloat16 and enc.module.dtype == jnp.float32
+    assert "dtype = bfloat16" in repr(enc16.module)  # so stores keyed on it never mix dtypes
+    assert enc16.with_dtype("float32").module == module
+    with pytest.raises(ValueError, match="dtype='float16'; expected one of"):
+        enc.with_dtype("float16")
+
+
+class TinyNet(nn.Module):
+    """Two strided 3x3 convs + BatchNorm + ReLU with a ``dtype`` field:
+    ``[B, H, W, 3] -> [B, H/4, W/4, 16]``."""
+
+    bn_momentum: float = 0.9
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        for feat in (8, 16):
+            conv = nn.Conv(feat, (3, 3), (2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype)
+            bn = nn.BatchNorm(
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                epsilon=1e-5,
+                dtype=self.dtype,
+            )
+            x = nn.relu(bn(conv(x.astype(self.dtype))))
+        return x, {}
+
+
+class NoDtypeNet(nn.Module):
+    """A module without a ``dtype`` field."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        return nn.Conv(4, (3, 3))(x), {}
+
+
+def test_with_dtype_needs_a_dtype_field():
+    enc = models.Encoder(NoDtypeNet(), {}, {"name": "x"}, dict(models.IMAGENET))
+    assert enc.with_dtype("float32") is enc  # float32 is what such a module computes in
+    with pytest.raises(ValueError, match="NoDtypeNet has no dtype field"):
+        enc.with_dtype("bfloat16")
+
+
+def test_config_switch_through_the_experiment(tmp_path, monkeypatch):
+    """``--config.extraction.dtype=bfloat16`` reaches extraction: its own descriptor stores,
+    descriptors close to float32's; a misspelt dtype fails before any work."""
+    from jretrieval import experiment
+    from tests.test_experiment import make_config, make_dataset
+
+    monkeypatch.setitem(models.ARCHITECTURES, "tiny16", TinyNet)
+    make_dataset(str(tmp_path / "data"), "oxford5k", revisited=False)
+    # A saved encoder with NumPy-random variables: nothing to compile before extraction.
+    x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    shapes = jax.eval_shape(TinyNet().init, jax.random.key(0), x)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape).astype(np.float32), shapes)
+    models.save(tmp_path / "tiny16.h5", {"name": "tiny16"}, variables, models.IMAGENET, {})
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        config = make_config(str(tmp_path), "oxford5k")
+        config.checkpoint_dir = str(tmp_path)
+        config.model_zoo["tiny_a"].file = "tiny16.h5"
+        config.extraction.dtype = dtype
+        config.bn.mode = "none"  # recalibration runs in float32 either way
+        config.pooling.name = "mac"  # compiles faster than R-MAC (tested above)
+        dataset = experiment.load_data(config)
+        out[dtype] = experiment.describe(config, "tiny_a", dataset)
+    f32, b16 = out["float32"], out["bfloat16"]
+    assert set(f32.info["stores"].values()).isdisjoint(b16.info["stores"].values())
+    for a, b in ((f32.database, b16.database), (f32.queries, b16.queries)):
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        assert not np.array_equal(a, b)  # bfloat16 was used ...
+        assert cosine(np.asarray(a, np.float64), np.asarray(b, np.float64)).min() > 0.999
+
+    config.extraction.dtype = "float16"
+    with pytest.raises(ValueError, match="extraction.dtype='float16'"):
+        experiment.run(config)

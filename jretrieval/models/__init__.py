@@ -22,11 +22,12 @@ import numpy as np
 from jretrieval.models import io
 from jretrieval.models.amdim import AMDIMEncoder
 from jretrieval.models.apgem import APGeM
-from jretrieval.models.encoder import IDENTITY, IMAGENET, Encoder
+from jretrieval.models.encoder import COMPUTE_DTYPES, IDENTITY, IMAGENET, Encoder
 from jretrieval.models.resnet import ResNet
 
 __all__ = [
     "ARCHITECTURES",
+    "COMPUTE_DTYPES",
     "IDENTITY",
     "IMAGENET",
     "Encoder",

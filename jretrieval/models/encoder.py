@@ -20,6 +20,8 @@ from jretrieval.models import apgem
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+#: compute dtypes of ``Encoder.with_dtype``, by the names configs use.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
@@ -82,6 +84,24 @@ class Encoder:
             return desc
         whiten = bool(getattr(self.module, "pca_whiten", True))
         return apgem.apply_pca(self.variables["pca"], desc, power=pca_power, whiten=whiten)
+
+    def with_dtype(self, dtype: str) -> Encoder:
+        """A copy whose module computes in ``dtype`` (a key of ``COMPUTE_DTYPES``).
+
+        Only the module's ``dtype`` field changes: parameters and BN statistics stay float32
+        (each conv casts its kernel and input to ``dtype``; BatchNorm normalises in float32 and
+        returns ``dtype``), so ``feature_map`` returns a ``dtype`` map, which pooling casts to
+        float32. Recalibrate BN before switching: statistics are estimated in float32.
+        """
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype={dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
+        if "dtype" not in getattr(self.module, "__dataclass_fields__", {}):
+            if dtype == "float32":  # a module without the field computes in float32
+                return self
+            raise ValueError(f"{type(self.module).__name__} has no dtype field; cannot switch")
+        if self.module.dtype == COMPUTE_DTYPES[dtype]:
+            return self
+        return self.replace(module=self.module.clone(dtype=COMPUTE_DTYPES[dtype]))
 
     def replace(self, **changes: Any) -> Encoder:
         """A copy with some fields replaced (e.g. recalibrated ``variables``)."""
