@@ -24,6 +24,9 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
   ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors).
 - ``ranking``: ``columns`` (Table 1's, see ``jretrieval.ranking``) and the AQE/DBA neighbours.
 - ``diffusion``: Yang et al. 2019 parameters (``jretrieval.diffusion.rank``).
+- ``distributed``: ``multihost`` (``jax.distributed.initialize()`` for multi-process jobs: TPU
+  pods, multi-host GPU; each process extracts its slice of the images). Every device is used
+  either way (``jretrieval.distributed.make_mesh``).
 - ``eval``: ``metrics`` shown in the table (``None``: all of the dataset's protocol).
 - ``output``: where results go (``<workdir>/results`` by default), top-10 picture.
 """
@@ -174,6 +177,11 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.diffusion.gamma = 3.0
     config.diffusion.alpha = 0.99
     config.diffusion.mode = "joint"  # joint (the authors' code) | online (unseen queries)
+
+    config.distributed = ml_collections.ConfigDict()
+    # True: jax.distributed.initialize() (coordinator from the cluster environment) and each
+    # process extracts its slice; on one process leave False (a no-op either way).
+    config.distributed.multihost = False
 
     config.eval = ml_collections.ConfigDict()
     config.eval.metrics = config_dict.placeholder(tuple)  # None: every metric of the protocol

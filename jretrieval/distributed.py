@@ -269,7 +269,7 @@ def recalibrate_bn(
     use ``recalibrate_images``, which gives every process its rows of each global batch. Other
     keyword arguments go to ``extract.recalibrate_bn``.
     """
-    if mesh is None:
+    if mesh is None or (mesh_size(mesh) == 1 and _is_local(mesh)):
         return extract_lib.recalibrate_bn(encoder, batches, mode=mode, **kwargs)
     if jax.process_count() > 1:
         raise ValueError(

@@ -55,8 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jretrieval import distributed, metrics, models, ranking, whitening
 from jretrieval import extract as extract_lib
-from jretrieval import metrics, models, ranking, whitening
 from jretrieval import store as store_lib
 from jretrieval.datasets import Dataset, load_dataset
 from jretrieval.datasets import images as images_lib
@@ -221,7 +221,7 @@ def _relative(paths: Sequence[str], root: str) -> list[str]:
 
 
 def recalibrate(
-    config: Any, name: str, encoder: models.Encoder, dataset: Dataset
+    config: Any, name: str, encoder: models.Encoder, dataset: Dataset, *, mesh: Any = None
 ) -> models.Encoder:
     """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``."""
     bn = config.bn
@@ -252,25 +252,25 @@ def recalibrate(
     if os.path.isfile(path):
         logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
         return models.load(path)
-    batches = images_lib.iterate_batches(
+    # Data parallel over the mesh; with several processes each decodes its rows of each batch.
+    encoder = distributed.recalibrate_images(
+        encoder,
         paths,
+        mesh=mesh,
         bbx=boxes,
         policy=policy,
         batch_size=bn.batch_size,
         num_threads=config.extraction.num_threads,
         skip_corrupt=config.extraction.skip_corrupt,
-    )
-    encoder = extract_lib.recalibrate_bn(
-        encoder,
-        batches,
         mode=bn.mode,
         momentum=bn.momentum,
-        total=len(paths),
         desc=f"recalibrate BN {name} on {dataset.name}",
     )
     os.makedirs(folder, exist_ok=True)
     metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
-    models.save(path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata)
+    if distributed.is_main_process():  # one writer when several processes run
+        models.save(path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata)
+    distributed.sync(f"saved {path}")
     return encoder.replace(metadata=metadata)
 
 
@@ -280,13 +280,13 @@ def _pooling(config: Any, spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]
     return name, kwargs.get(name, {})
 
 
-def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
+def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> Descriptors:
     """Raw descriptors of one model (encoder, BN recalibration, extraction with the store)."""
     start = time.perf_counter()
     spec = _zoo_entry(config, name)
     encoder = load_encoder(config, name)
     t_load = time.perf_counter()
-    encoder = recalibrate(config, name, encoder, dataset)  # BN statistics in float32
+    encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
     t_bn = time.perf_counter()
     pooling, pooling_kwargs = _pooling(config, spec)
@@ -314,9 +314,10 @@ def describe(config: Any, name: str, dataset: Dataset) -> Descriptors:
         store = store_lib.store_path(
             folder, model=name, dataset=f"{dataset.name}-{part}", settings=full
         )
-        desc, report = extract_lib.extract(
+        desc, report = distributed.extract(  # data parallel; split by process if several
             encoder,
             paths,
+            mesh=mesh,
             **common,
             batch_size=config.extraction.batch_size,
             store=store,
@@ -470,6 +471,8 @@ def run(config: Any) -> dict[str, Any]:
       ``jretrieval.report`` under ``config.output.dir`` or ``<workdir>/results``).
     """
     start = time.perf_counter()
+    distributed.initialize(bool(config.get("distributed", {}).get("multihost", False)))
+    mesh = distributed.make_mesh()  # every device of every process; passed down
     rows = parse_models(config.models)
     dims = parse_dims(config.whitening.dim)
     columns = ranking.check_columns(config.ranking.columns)
@@ -509,7 +512,7 @@ def run(config: Any) -> dict[str, Any]:
         for m in members:
             if m in cache:
                 continue
-            cache[m] = describe(config, m, dataset)
+            cache[m] = describe(config, m, dataset, mesh=mesh)
             results["timings"]["models"][m] = cache[m].info["seconds"]
             results["stores"][m] = cache[m].info["stores"]
             if cache[m].info["skipped"]:
@@ -535,7 +538,8 @@ def run(config: Any) -> dict[str, Any]:
         results["timings"]["rows"][row] = time.perf_counter() - t0
         logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
     results["timings"]["total"] = time.perf_counter() - start
-    _write_report(config, dataset, results)
+    if distributed.is_main_process():  # every process computed the same; one writes
+        _write_report(config, dataset, results)
     return results
 
 

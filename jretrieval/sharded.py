@@ -215,7 +215,9 @@ def _topk_impl(queries, db, *, mesh, k, n, block_size):
     def body(q, x):
         x = x.astype(jnp.float32)
         start = lax.axis_index(axis) * x.shape[0]
-        s, i = _block_topk(q, x, k, start=start, n=n, block=block_size)
+        # At most a shard's rows per device: n_dev * min(k, s) >= k candidates in all, and a
+        # full ranking (k = N) gathers [Q, N], not n_dev copies of it.
+        s, i = _block_topk(q, x, min(k, x.shape[0]), start=start, n=n, block=block_size)
         s_all = lax.all_gather(s, axis)  # [n_dev, Q, k], device order = index order
         i_all = lax.all_gather(i, axis)
         s_all = jnp.moveaxis(s_all, 0, 1).reshape(q.shape[0], -1)
