@@ -151,8 +151,11 @@ def _apply_impl(w: PCAWhitening, x: jax.Array, dim: int) -> jax.Array:
     x = _float(x)
     evals = w.eigenvalues[:dim]
     scale = jnp.where(evals > 0, lax.rsqrt(jnp.where(evals > 0, evals, 1.0)), 0.0)
-    # Scaling the [D, dim] projection once is cheaper than scaling the [N, dim] result.
-    y = jnp.matmul(x - w.mean, w.projection[:, :dim] * scale, precision=_HIGHEST)
+    # Scaling the [D, dim] projection once is cheaper than scaling the [N, dim] result; its
+    # transpose is materialised (barrier) because XLA's CPU dot is faster contracting the
+    # minor dimension of both operands.
+    pt = lax.optimization_barrier((w.projection[:, :dim] * scale).T)  # [dim, D]
+    y = lax.dot_general(x - w.mean, pt, (((1,), (1,)), ((), ())), precision=_HIGHEST)
     return y / (jnp.linalg.norm(y, axis=-1, keepdims=True) + 1e-6), finite_flag(x)
 
 
