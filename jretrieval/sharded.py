@@ -33,6 +33,11 @@ How each operation stays within one shard plus ``O(k)`` per query (never a ``Q x
 
 Every numeric kernel is a jitted ``jax.shard_map`` with static shapes; the public functions are
 thin eager wrappers that validate arguments (as ``jretrieval.search``) and place the inputs.
+
+Exactness: the similarities are float32 products; a shard's blocking may round a score
+differently in the last bit from a one-device product, so candidates whose scores lie within
+~1e-7 of each other may swap (changing a kNN list or truncation set at its boundary), as between
+two BLAS libraries. On tie-free data, and for exact ties (duplicates), the results are equal.
 """
 
 from __future__ import annotations
