@@ -73,6 +73,14 @@ def make_images(folder: str, n: int = 13) -> list[str]:
     return paths
 
 
+def search_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """``(database [50, 8], queries [3, 8])``, random unit vectors (tie-free)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((53, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x[:50], x[50:]
+
+
 def image_paths(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
 
@@ -187,7 +195,18 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
     store = os.path.join(folder, "store.h5")
     desc, rep = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     again, rep2 = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
+    # Sharded retrieval over the global mesh (2 processes x 2 devices): ring across processes.
+    from jretrieval import sharded
+
+    x, q = search_inputs()
+    out_search = {
+        "mh_topk": np.asarray(sharded.topk(q, x, 5, mesh=mesh)[1]),
+        "mh_knn": sharded.knn(x, 6, mesh=mesh, block_size=8, query_block=8)[1].to_numpy(),
+        "mh_dba": sharded.dba(x, 3, mesh=mesh, block_size=8, query_block=8).to_numpy(),
+        "mh_aqe": np.asarray(sharded.aqe(q, x, 4, mesh=mesh)),
+    }
     out = {
+        **out_search,
         "extract": desc,
         "kept": rep["kept"],
         "skipped": np.asarray([s[0] for s in rep["skipped"]]),
