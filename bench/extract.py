@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +82,14 @@ def images(batch: int, size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=1)
+def _encoder() -> Any:
+    """A random ResNet-50 (Flax default init, seed 0), built once per process."""
+    from jretrieval import models
+
+    return models.init_encoder({"name": "resnet", "depth": 50, "width": 1}, seed=0)
+
+
 def jretrieval_step(
     dtype: str, x: np.ndarray, options: dict[str, Any] | None = None
 ) -> Callable[[np.ndarray], Any]:
@@ -87,11 +97,9 @@ def jretrieval_step(
     compiled for ``x``'s shape with XLA ``options`` (``None``: plain jit, the default flags)."""
     import jax
 
-    from jretrieval import models
     from jretrieval.extract import make_step
 
-    encoder = models.init_encoder({"name": "resnet", "depth": 50, "width": 1}, seed=0)
-    encoder = encoder.with_dtype(dtype)
+    encoder = _encoder().with_dtype(dtype)
     step = make_step(encoder, pooling="rmac", pooling_kwargs={"levels": 3})
     if options is not None:
         step = jax.jit(step).lower(x).compile(compiler_options=options)
@@ -138,7 +146,8 @@ def run_rounds(
         start = time.perf_counter()
         for _ in range(warmup):
             fn(x)
-        print(f"  warm-up {info}: {time.perf_counter() - start:.1f}s", flush=True)
+        info["warmup_s"] = time.perf_counter() - start
+        print(f"  warm-up {info}: {info['warmup_s']:.1f}s", flush=True)
     for r in range(repeats):
         order = list(range(len(configs)))
         order = order[r % len(order) :] + order[: r % len(order)]
@@ -187,6 +196,7 @@ def xla_variants(batch: int, size: int, repeats: int) -> list[dict]:
     """jretrieval float32 and bfloat16 under each of ``XLA_VARIANTS``, interleaved."""
     x = images(batch, size)
     configs = []
+    _encoder()  # initialised outside the compile timings
     for dtype in ("float32", "bfloat16"):
         for name, options in XLA_VARIANTS.items():
             start = time.perf_counter()
@@ -200,6 +210,90 @@ def xla_variants(batch: int, size: int, repeats: int) -> list[dict]:
         )
         row["ratio"] = row["images_per_s"] / base["images_per_s"]
     return rows
+
+
+def _noisy_loader(seed: int) -> Callable[..., np.ndarray]:
+    """``images.load_image`` plus independent uniform noise in {-1, 0, +1} grey levels."""
+    from jretrieval.datasets import images as images_lib
+
+    def load(path: str, *, bbx: Any = None, policy: Any) -> np.ndarray:
+        img = images_lib.load_image(path, bbx=bbx, policy=policy)
+        key = zlib.crc32(os.path.basename(path).encode())
+        noise = np.random.default_rng([seed, key]).integers(-1, 2, img.shape)
+        return np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+    return load
+
+
+def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -> list[dict]:
+    """mAP (%) of every Table 1 column on the offline demo set (``configs/demo.py``): float32,
+    bfloat16, and float32 on inputs with +-1 grey level of noise (two seeds; the size of
+    perturbation the ranking must tolerate anyway), for each BN mode in ``bn_modes``."""
+    from configs import demo
+    from jretrieval import experiment, ranking
+    from jretrieval import extract as extract_lib
+    from jretrieval.datasets import images as images_lib
+
+    config = demo.get_config()
+    config.workdir = workdir
+    config.data.root = os.path.join(workdir, "data")
+    dataset = experiment.load_data(config)
+    dims = experiment.parse_dims(config.whitening.dim)
+    params = ranking.params_from_config(config)
+    policy = images_lib.as_policy(dict(config.extraction.policy))
+    parts = ((dataset.db_paths, None), (dataset.query_paths, dataset.query_bbx))
+    rows = []
+    for bn in bn_modes:
+        config.bn.mode = bn
+        encoder = experiment.load_encoder(config, "random_resnet50")
+        encoder = experiment.recalibrate(config, "random_resnet50", encoder, dataset)
+        variants = {
+            "float32": (encoder, None),
+            "bfloat16": (encoder.with_dtype("bfloat16"), None),
+            "float32, input +-1 grey level (seed 0)": (encoder, _noisy_loader(0)),
+            "float32, input +-1 grey level (seed 1)": (encoder, _noisy_loader(1)),
+        }
+        base = None
+        for name, (enc, loader) in variants.items():
+            out = []
+            for paths, bbx in parts:
+                desc, report = extract_lib.extract(
+                    enc,
+                    paths,
+                    bbx=bbx,
+                    policy=policy,
+                    batch_size=config.extraction.batch_size,
+                    loader=loader,
+                    desc=f"demo {bn} {name}",
+                )
+                out.append((desc, np.asarray(report["kept"], np.int64)))
+            desc = experiment.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
+            table, _ = experiment.evaluate_row(
+                [desc], dataset, dims=dims, columns=list(config.ranking.columns), params=params
+            )
+            base = desc if base is None else base
+            a, b = base.database.astype(np.float64), desc.database.astype(np.float64)
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            maps = {col: vals["mAP"] for col, vals in table.items()}
+            rows.append({"bn": bn, "variant": name, "cos_min": float(cos.min()), "mAP": maps})
+            print(f"  demo bn={bn} {name}: {maps}", flush=True)
+    return rows
+
+
+def demo_table(rows: list[dict]) -> str:
+    columns = list(rows[0]["mAP"])
+    lines = [
+        "| BN | encoder | min cos to float32 (database R-MAC) | " + " | ".join(columns) + " |",
+        "| --- | --- | ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for r in rows:
+        base = next(b for b in rows if b["bn"] == r["bn"] and b["variant"] == "float32")
+        cells = []
+        for c in columns:
+            delta = r["mAP"][c] - base["mAP"][c]
+            cells.append(f"{r['mAP'][c]:.2f}" + ("" if r is base else f" ({delta:+.2f})"))
+        lines.append(f"| {r['bn']} | {r['variant']} | {r['cos_min']:.5f} | " + " | ".join(cells))
+    return "\n".join(lines)
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -234,37 +328,43 @@ def table(rows: list[dict]) -> str:
 def variants_table(rows: list[dict]) -> str:
     lines = [
         "| XLA compiler option | dtype | images/s (median) | images/s (best) "
-        "| ratio to default fp32 | compile + first call s |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| ratio to default fp32 | compile s | warm-up (2 calls) s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| `{r['variant']}` | {r['dtype']} | {r['images_per_s']:.3f} | "
-            f"{r['best_images_per_s']:.3f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} |"
+            f"{r['best_images_per_s']:.3f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} | "
+            f"{r['warmup_s']:.0f} |"
         )
     return "\n".join(lines)
 
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+def markers(name: str) -> tuple[str, str]:
+    """The comment lines around the generated section ``name`` of the results file."""
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
 
 
-def write_doc(path: str, text: str) -> None:
-    """Replaces the part of ``path`` between ``START`` and ``END`` (the hand-written notes
-    around it stay); creates the file if needed. Written to a temp name, then renamed."""
-    body = f"{START}\n{text}{END}"
-    old = ""
+def write_doc(path: str, sections: dict[str, str]) -> None:
+    """Replaces each ``{name: text}`` between ``markers(name)`` in ``path``; the hand-written
+    notes around them and sections not run this time stay. A section without markers yet is
+    appended. Written to a temp name, then renamed."""
+    doc = "# Encoder throughput and bfloat16: jretrieval vs PyTorch (`bench/extract.py`)\n"
     if os.path.exists(path):
         with open(path) as f:
-            old = f.read()
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + body + rest.split(END, 1)[1]
-    else:
-        new = f"# Encoder throughput: jretrieval vs PyTorch (`bench/extract.py`)\n\n{body}\n{old}"
+            doc = f.read()
+    for name, text in sections.items():
+        start, end = markers(name)
+        body = f"{start}\n{text}{end}"
+        if start in doc and end in doc:
+            head, rest = doc.split(start, 1)
+            doc = head + body + rest.split(end, 1)[1]
+        else:
+            doc = f"{doc.rstrip()}\n\n{body}\n"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(new)
+        f.write(doc)
     os.replace(tmp, path)
 
 
@@ -288,13 +388,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=724)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--parts", default="main", help="comma-separated: main (the comparison), variants (XLA)"
+        "--parts",
+        default="main",
+        help="comma-separated: main (the comparison), variants (XLA options), demo (mAP)",
     )
+    parser.add_argument("--demo-workdir", default="runs/bench_extract")
     parser.add_argument("--out", default=DOC, help="results file (markdown); '' to skip")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"main", "variants"}:
-        raise ValueError(f"--parts={args.parts!r}; expected a subset of main,variants")
+    if not parts <= {"main", "variants", "demo"}:
+        raise ValueError(f"--parts={args.parts!r}; expected a subset of main,variants,demo")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     import torch
 
@@ -311,34 +414,41 @@ def main() -> None:
         rows = xla_variants(batch_sizes[0], args.size, args.repeats)
         sections.append(("variants", rows, load_before, os.getloadavg()))
         print(variants_table(rows))
+    if "demo" in parts:
+        load_before = os.getloadavg()
+        rows = demo_accuracy(args.demo_workdir)
+        sections.append(("demo", rows, load_before, os.getloadavg()))
+        print(demo_table(rows))
     print(json.dumps(env))
     if args.out:
         write_doc(args.out, render(env, sections, args))
 
 
-def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> str:
-    """The generated markdown of ``docs/bench_extract.md``."""
+def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[str, str]:
+    """``{section name: generated markdown}`` for ``docs/bench_extract.md``."""
     loads = lambda v: " / ".join(f"{x:.2f}" for x in v)
-    parts = [
-        f"Generated by `python -m bench.extract --parts={args.parts} "
-        f"--batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (rewritten on every run).",
-        "",
-        f"Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']} "
-        f"({env['torch_threads']} threads), jax {env['jax']}, XLA_FLAGS="
-        f"`{env['XLA_FLAGS'] or '(none)'}`. Input {args.size}x{args.size}; each figure is "
-        f"batch size over the median (or the minimum: best) of {args.repeats} interleaved "
-        "rounds, two warm-up calls excluded.",
-    ]
+    titles = {
+        "main": ("jretrieval vs PyTorch", table),
+        "variants": ("XLA CPU compiler options", variants_table),
+        "demo": ("mAP (%) on the demo set, float32 vs bfloat16", demo_table),
+    }
+    out = {}
     for name, rows, before, after in sections:
-        title = "jretrieval vs PyTorch" if name == "main" else "XLA CPU compiler options"
-        parts += [
-            "",
-            f"**{title}** (load average 1/5/15 min before: {loads(before)}; after: {loads(after)})",
-            "",
-            table(rows) if name == "main" else variants_table(rows),
-        ]
-    return "\n".join(parts) + "\n"
+        title, fmt = titles[name]
+        out[name] = "\n".join(
+            [
+                f"**{title}**: `python -m bench.extract --parts={name} "
+                f"--batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}`, "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {env['cpu']}, "
+                f"{env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
+                f"jax {env['jax']}, XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; load average "
+                f"(1/5/15 min) before {loads(before)}, after {loads(after)}.",
+                "",
+                fmt(rows),
+                "",
+            ]
+        )
+    return out
 
 
 if __name__ == "__main__":
