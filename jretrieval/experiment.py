@@ -411,6 +411,7 @@ def evaluate_row(
     params: ranking.RankingParams,
     learn_on: str = "database",
     top: int = 0,
+    mesh: Any = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Figures of one row (a model or an ensemble) for every whitening dim and column.
 
@@ -420,6 +421,8 @@ def evaluate_row(
       dims: whitening dims (``None``: no PCA); columns: ranking column names.
       params: ranking parameters; learn_on: see ``postprocess``.
       top: queries whose top-10 lists are returned (for the report's picture).
+      mesh: device mesh; with several devices the ranking runs sharded along N
+        (``ranking.rank_columns(mesh=...)``).
 
     Returns:
       ``({column key: {metric: percent}}, examples)``; column keys from ``column_key``;
@@ -433,7 +436,7 @@ def evaluate_row(
     examples: dict[str, Any] = {}
     for dim in dims:
         db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on)
-        for col, r in ranking.rank_columns(q, db, params, columns).items():
+        for col, r in ranking.rank_columns(q, db, params, columns, mesh=mesh).items():
             key = column_key(col, dim, sweep=sweep, columns=len(columns))
             full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
             table[key] = metrics.evaluate(
@@ -531,6 +534,7 @@ def run(config: Any) -> dict[str, Any]:
             params=params,
             learn_on=config.whitening.learn_on,
             top=config.output.top10_queries,
+            mesh=mesh,
         )
         results["models"][row] = table
         results["examples"][row] = examples

@@ -195,6 +195,8 @@ def rank_columns(
     database: ArrayLike,
     cfg: Any,
     columns: Sequence[str] | str | None = None,
+    *,
+    mesh: Any = None,
 ) -> dict[str, jax.Array]:
     """Ranks of several Table 1 columns, sharing intermediate results.
 
@@ -203,6 +205,9 @@ def rank_columns(
       database: ``[N, D]`` L2-normalised (whitened) database descriptors.
       cfg: config with ``ranking`` and ``diffusion`` sections, or ``RankingParams``.
       columns: names from ``COLUMN_NAMES`` (default: all, in the paper's order).
+      mesh: a device mesh with several devices: the database is sharded along N over it and
+        every stage runs in ``jretrieval.sharded`` (same ranks); ``None`` or one device: the
+        single-device functions.
 
     Returns:
       ``{column: int32 [Q, N] ranks}`` in the order of ``columns``.
@@ -210,6 +215,9 @@ def rank_columns(
     names = COLUMN_NAMES if columns is None else check_columns(columns)
     params = params_from_config(cfg)
     q_n, n_db = int(np.shape(queries)[0]), int(np.shape(database)[0])
+    ops = _sharded_ops(mesh) if mesh is not None and mesh.devices.size > 1 else _OPS
+    if ops is not _OPS:
+        database = ops.place(database)
     memo: dict[tuple, Any] = {}
 
     def cached(key: tuple, fn: Callable[[], Any]) -> Any:
@@ -221,7 +229,7 @@ def rank_columns(
         """The DBA'd database (``k`` neighbours) and its memo key."""
         key = ("dba", k, params.dba_alpha)
         fn = functools.partial(
-            expansion.dba, database, k=k, alpha=params.dba_alpha, block_size=params.block_size
+            ops.dba, database, k=k, alpha=params.dba_alpha, block_size=params.block_size
         )
         return key, cached(key, fn)
 
@@ -237,7 +245,7 @@ def rank_columns(
             k = params.combined_aqe_k if both else params.aqe_k
             q_key = ("aqe", db_key, k, params.aqe_alpha)
             fn = functools.partial(
-                expansion.aqe,
+                ops.aqe,
                 queries,
                 db,
                 k=k,
@@ -248,12 +256,43 @@ def rank_columns(
         if spec.dfs:
             kwargs = _clip_diffusion(params.diffusion, n_db, q_n)
             ranks = cached(
-                ("dfs", q_key, db_key), lambda q=q, db=db, kw=kwargs: diffusion.rank(q, db, **kw)
+                ("dfs", q_key, db_key), lambda q=q, db=db, kw=kwargs: ops.diffusion(q, db, **kw)
             )
         else:
-            ranks = cached(("rank", q_key, db_key), lambda q=q, db=db: search.rank(q, db))
+            ranks = cached(("rank", q_key, db_key), lambda q=q, db=db: ops.rank(q, db))
         out[name] = ranks
     return out
+
+
+class _Ops(NamedTuple):
+    """The stage functions ``rank_columns`` composes (single-device or sharded)."""
+
+    place: Callable[[ArrayLike], Any]
+    dba: Callable[..., Any]
+    aqe: Callable[..., jax.Array]
+    rank: Callable[[Any, Any], jax.Array]
+    diffusion: Callable[..., jax.Array]
+
+
+_OPS = _Ops(lambda x: x, expansion.dba, expansion.aqe, search.rank, diffusion.rank)
+
+
+def _sharded_ops(mesh: Any) -> _Ops:
+    """``jretrieval.sharded``'s versions of the stages over ``mesh`` (database sharded along N)."""
+    from jretrieval import sharded
+
+    def host(db: Any) -> Any:  # diffusion builds its graph from host descriptors
+        return db.to_numpy() if isinstance(db, sharded.Sharded) else db
+
+    return _Ops(
+        place=lambda x: sharded.shard_rows(x, mesh),
+        dba=lambda db, k, alpha, block_size: sharded.dba(db, k, alpha, mesh=mesh),
+        aqe=lambda q, db, k, alpha, block_size: sharded.aqe(
+            q, db, k, alpha, mesh=mesh, block_size=block_size
+        ),
+        rank=lambda q, db: sharded.rank(q, db, mesh=mesh),
+        diffusion=lambda q, db, **kw: sharded.diffusion_rank(q, host(db), mesh=mesh, **kw),
+    )
 
 
 def rank_column(name: str, queries: ArrayLike, database: ArrayLike, cfg: Any) -> jax.Array:

@@ -32,6 +32,8 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POLICY = {"mode": "max_side", "size": 20}
 EXTRACT_KW = {"policy": POLICY, "pooling": "mac", "batch_size": 3, "skip_corrupt": True}
 BATCH_RECAL = 4
+RANKING_DIFFUSION = {"truncation": 60, "kd": 10, "kq": 5, "gamma": 3.0, "alpha": 0.99,
+                     "mode": "joint"}  # fmt: skip
 RECAL_KW = {"policy": POLICY, "batch_size": BATCH_RECAL, "skip_corrupt": True}
 
 
@@ -141,6 +143,12 @@ def run_sharded(folder: str) -> None:
         out[f"dfs_{mode}"] = np.asarray(
             sharded.diffusion_rank(gq, g, mesh=mesh, truncation=60, kd=10, kq=5, mode=mode)
         )
+    # every Table 1 column through ranking.rank_columns on the mesh
+    from jretrieval import ranking
+
+    params = ranking.RankingParams(diffusion=RANKING_DIFFUSION)
+    for col, r in ranking.rank_columns(gq, g, params, mesh=mesh).items():
+        out[f"column/{col}"] = np.asarray(r)
     # structure: the ring uses collective-permute and holds no N x N matrix
     n_big = 2048
     big = np.random.default_rng(1).standard_normal((n_big, 32)).astype(np.float32)

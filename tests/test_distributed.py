@@ -152,6 +152,17 @@ def test_diffusion_equals_one_device(run):
         np.testing.assert_array_equal(out[f"dfs_{mode}"], np.asarray(ref))
 
 
+def test_ranking_columns_on_the_mesh_equal_one_device(run):
+    from jretrieval import ranking
+
+    inp, out, _ = run
+    params = ranking.RankingParams(diffusion=worker.RANKING_DIFFUSION)
+    ref = ranking.rank_columns(inp["graph_queries"], inp["graph"], params)
+    assert list(ref) == list(ranking.COLUMN_NAMES)
+    for col, ranks in ref.items():
+        np.testing.assert_array_equal(out[f"column/{col}"], np.asarray(ranks), err_msg=col)
+
+
 def test_ring_permutes_and_never_holds_n_by_n(run):
     _, out, _ = run
     assert int(out["ring_permutes"]) > 0
