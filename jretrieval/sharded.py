@@ -795,13 +795,18 @@ def _online_scores_impl(nn_s, nn_i, ids, vals, gamma, *, mesh, n):
     return _smap(mesh, body, (P(), P(), P(axis), P(axis)), P())(nn_s, nn_i, ids, vals)
 
 
-@jax.jit
-def _order(scores: jax.Array, sims: jax.Array) -> jax.Array:
+def _order_fn(scores: jax.Array, sims: jax.Array) -> jax.Array:
     """Indices by decreasing ``scores``, ties by decreasing ``sims`` then increasing index."""
     n = scores.shape[1]
     by_sim = lax.top_k(sims, n)[1]
     by_score = lax.top_k(jnp.take_along_axis(scores, by_sim, axis=1), n)[1]
     return jnp.take_along_axis(by_sim, by_score, axis=1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _order(mesh: Mesh):
+    """``_order_fn`` jitted with a replicated ``[Q, N]`` result (readable on every process)."""
+    return jax.jit(_order_fn, out_shardings=NamedSharding(mesh, P()))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
@@ -859,4 +864,4 @@ def diffusion_rank(
         chunk = max(1, (1 << 22) // (params["truncation"] * nq))
         scores = _joint_scores_impl(ids.array, vals.array, mesh=mesh, num_queries=nq, chunk=chunk)
         scores = scores[nq : nq + n].T
-    return _order(scores, sims)
+    return _order(mesh)(scores, sims)

@@ -212,6 +212,9 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
         "mh_knn": sharded.knn(x, 6, mesh=mesh, block_size=8, query_block=8)[1].to_numpy(),
         "mh_dba": sharded.dba(x, 3, mesh=mesh, block_size=8, query_block=8).to_numpy(),
         "mh_aqe": np.asarray(sharded.aqe(q, x, 4, mesh=mesh)),
+        "mh_dfs": np.asarray(
+            sharded.diffusion_rank(q, x, mesh=mesh, truncation=20, kd=5, kq=4, mode="online")
+        ),
     }
     out = {
         **out_search,

@@ -7,8 +7,9 @@ and process 0 writes the one HDF5 store. This process (one device, no ``jax.dist
 computes the single-process reference. Only the loopback address is used; both workers are
 killed after ``TIMEOUT_S``.
 
-The workers also run ``jretrieval.sharded`` top-k, ring kNN, DBA and AQE on the 4-device global
-mesh (shards travel between the processes), compared with the one-device functions.
+The workers also run ``jretrieval.sharded`` top-k, ring kNN, DBA, AQE and online diffusion on
+the 4-device global mesh (shards travel between the processes), compared with the one-device
+functions.
 
 Tolerances: recalibrated statistics ``rtol 1e-5, atol 1e-6`` (float64 merges of per-process
 population statistics vs one pass); descriptors ``rtol 1e-5, atol 1e-6``; the store's ids,
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 import pytest
 
-from jretrieval import expansion, search
+from jretrieval import diffusion, expansion, search
 from jretrieval import extract as ex
 from jretrieval import store as store_lib
 from tests import device_worker as worker
@@ -138,3 +139,5 @@ def test_sharded_search_across_processes(job):
         np.testing.assert_array_equal(out["mh_knn"], np.asarray(search.topk(x, x, 6)[1]))
         np.testing.assert_allclose(out["mh_dba"], np.asarray(expansion.dba(x, 3)), atol=1e-6)
         np.testing.assert_allclose(out["mh_aqe"], np.asarray(expansion.aqe(q, x, 4)), atol=1e-6)
+        ref = diffusion.rank(q, x, truncation=20, kd=5, kq=4, mode="online")
+        np.testing.assert_array_equal(out["mh_dfs"], np.asarray(ref))
