@@ -166,21 +166,34 @@ def _sortable(s: jax.Array) -> jax.Array:
     return jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(0x80000000))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _threshold_block(q: jax.Array, x: jax.Array, rows: jax.Array, k: int):
-    """Similarities of a row block (self set to +inf) and the masks of its top-``k`` set."""
+@functools.partial(jax.jit, static_argnames=("rank", "stride"))
+def _threshold_block(q: jax.Array, x: jax.Array, rows: jax.Array, rank: int, stride: int):
+    """Similarities of a row block (self set to +inf) and a candidate mask per row.
+
+    The threshold is the ``rank``-th largest similarity among every ``stride``-th column, found
+    by an exact bisection on the float order; with ``stride == 1`` it is the exact ``rank``-th
+    largest of the row, otherwise a lower bound whose candidate set holds the top ``T`` with
+    high probability (checked by the caller).
+    """
     s = jnp.matmul(q, x.T, precision=_HIGHEST)
     s = s.at[jnp.arange(q.shape[0]), rows].set(jnp.inf, mode="drop")
-    key = _sortable(s)
+    sample = _sortable(s[:, ::stride])
 
-    def bit(b, tau):  # largest tau with #(key >= tau) >= k, found bit by bit
+    def bit(b, tau):  # largest tau with #(sample >= tau) >= rank, found bit by bit
         cand = tau | (jnp.uint32(1) << (31 - b).astype(jnp.uint32))
-        ok = jnp.sum(key >= cand[:, None], axis=1, dtype=jnp.int32) >= k
+        ok = jnp.sum(sample >= cand[:, None], axis=1, dtype=jnp.int32) >= rank
         return jnp.where(ok, cand, tau)
 
     tau = lax.fori_loop(0, 32, bit, jnp.zeros(q.shape[0], jnp.uint32))
-    ge = key >= tau[:, None]
-    return s, ge, key > tau[:, None], jnp.sum(ge, axis=1, dtype=jnp.int32)
+    ge = _sortable(s) >= tau[:, None]
+    return s, ge, jnp.sum(ge, axis=1, dtype=jnp.int32)
+
+
+def _top_set(values: np.ndarray, cols: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` columns of largest value (ties: lower column first), sorted by column."""
+    if len(cols) > k:
+        cols = cols[np.lexsort((cols, -values))[:k]]
+    return np.sort(cols)
 
 
 @functools.partial(jax.jit, static_argnames=("kd",))
@@ -201,6 +214,11 @@ def _neighbours(x: np.ndarray, truncation: int, kd: int):
     ids = np.empty((m, truncation), np.int32)
     ids_kd = np.empty((m, kd), np.int32)
     sims_kd = np.empty((m, kd), np.float32)
+    # Candidates from a sample of every ``stride``-th column (exact when stride == 1): its
+    # rank-th largest value with a margin, so that >= truncation columns pass w.h.p.
+    stride = max(1, m // (4 * truncation))
+    expect = truncation / stride
+    rank = truncation if stride == 1 else int(min(m // stride, expect + 4 * expect**0.5 + 8))
     starts = range(0, m, rows)
     for start in progress.track(
         starts, total=m, desc="diffusion neighbours", unit="nodes", count=lambda s: min(rows, m - s)
@@ -208,14 +226,16 @@ def _neighbours(x: np.ndarray, truncation: int, kd: int):
         stop = min(start + rows, m)
         r = jnp.arange(start, start + rows, dtype=jnp.int32)
         q = jnp.asarray(np.pad(x[start:stop], ((0, start + rows - stop), (0, 0))))
-        s, ge, gt, n_ge = _threshold_block(q, xd, r, k=truncation)
-        ge_h, n_ge = np.array(ge[: stop - start]), np.asarray(n_ge[: stop - start])
-        for i in np.nonzero(n_ge > truncation)[0]:  # exact ties at the threshold: lowest index
-            strict = np.asarray(gt[i])
-            ties = np.nonzero(ge_h[i] & ~strict)[0][: truncation - int(strict.sum())]
-            ge_h[i] = strict
-            ge_h[i, ties] = True
-        idx = np.nonzero(ge_h)[1].reshape(stop - start, truncation).astype(np.int32)
+        s, ge, count = _threshold_block(q, xd, r, rank=rank, stride=stride)
+        ge_h, count = np.asarray(ge[: stop - start]), np.asarray(count[: stop - start])
+        if np.all(count == truncation):  # the common exact case: no ties, no margin
+            idx = np.nonzero(ge_h)[1].reshape(stop - start, truncation).astype(np.int32)
+        else:
+            s_h = np.asarray(s[: stop - start])
+            idx = np.empty((stop - start, truncation), np.int32)
+            for i in range(stop - start):
+                cols = np.flatnonzero(ge_h[i]) if count[i] >= truncation else np.arange(m)
+                idx[i] = _top_set(s_h[i, cols], cols, truncation)
         idx = np.pad(idx, ((0, start + rows - stop), (0, 0)))
         k_sims, k_pos = _kd_block(s, jnp.asarray(idx), kd=kd)
         idx, k_pos = idx[: stop - start], np.asarray(k_pos[: stop - start])

@@ -303,3 +303,17 @@ def test_several_block_sizes_match_reference(monkeypatch):
     got = dense(diffusion.offline(x, truncation=100, kd=8))
     ref = ref_offline(x, 100, 8)
     assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("n", [120, 400])  # exact bisection / sampled candidates (stride 2)
+def test_truncation_sets_are_the_nearest_neighbours_ties_by_index(n):
+    x = clustered(n - 40, dim=6, seed=5)
+    x = np.concatenate([x, x[:40]])  # duplicates: exact ties among the similarities
+    ids, ids_kd, sims_kd = diffusion._neighbours(x, 40, 5)
+    # Ties are those of the float32 similarities (float64 would break some of them).
+    s32 = (x @ x.T).astype(np.float32)
+    np.fill_diagonal(s32, np.inf)
+    want = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -s32), axis=1)[:, :40]
+    np.testing.assert_array_equal(ids[:, 0], np.arange(n))
+    assert all(set(a) == set(b) for a, b in zip(ids, want, strict=True))
+    assert all(set(a) == set(b) for a, b in zip(ids_kd, want[:, :5], strict=True))
