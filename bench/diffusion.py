@@ -295,19 +295,23 @@ def run_size(n_db: int, kind: str, ref_nodes: int | None, joint: bool, twice: bo
 
 
 EXPLANATION = [
-    'How to read this. The "per-node CG solves" row is the one the per-node SciPy loop is '
-    "compared on. `jretrieval.diffusion` solves components of the mutual kNN graph with up to "
-    '1024 nodes for all their nodes at once as dense GEMMs ("separated" data: every node), '
-    "and nodes of larger components one by one on fixed-size `[truncation, kd]` neighbour "
-    'tables ("overlapping" data: most nodes). The GEMM path meets the 5x target only '
-    "partly on this shared 2-core CPU; the per-node path is about as fast as SciPy: an XLA CPU "
-    "gather costs about what SciPy's CSR loop spends per stored entry, and the padded tables "
-    "hold ~4x more entries than the truncated subgraph. What was tried and did not pay off on "
-    "CPU: 1-D flattened gathers and slot-major layouts (≤1.3x), chunk sizes 4-128 (16 best), "
-    "compacting the tables per node (XLA sorts/scatters cost more than they save), sparse "
-    "multi-right-hand-side products over a component (row gathers slower still); bfloat16 "
-    "would break the 1e-4 agreement (the systems have condition number ~1/(1-alpha) = 100). "
-    "The kNN step is a matrix product both ways (faiss vs XLA) and bounds the totals at 50k.",
+    'How to read this. The "per-node CG solves" row is the stage the authors\' per-node SciPy '
+    "loop is compared on (target: 5x). `jretrieval.diffusion` solves the nodes of mutual-kNN "
+    'components with up to 1024 nodes all at once as dense GEMMs ("separated" data: every '
+    "node at 5k) and the nodes of larger components one by one on fixed-size `[truncation, kd]` "
+    'neighbour tables ("overlapping" data: most nodes). The GEMM path is several times '
+    "faster than SciPy when warm at paper size, less at 50k where components of several hundred "
+    "nodes make the GEMMs large; the per-node path is not faster than SciPy on this CPU: an XLA "
+    "CPU gather costs about what SciPy's CSR loop spends per stored entry, and the padded "
+    "tables hold ~4x more entries than the truncated subgraph (kd slots per row, ~12 of them "
+    "inside the truncation set). Tried without a worthwhile gain on CPU: flattened 1-D gathers "
+    "and slot-major layouts (<=1.3x), chunks of 4-128 nodes (16 best), per-node compaction of "
+    "the tables (XLA sorts/scatters cost more than they save; a two-width layout would save "
+    "at most ~1.8x of the gathers), sparse multi-right-hand-side products over a component "
+    "(row gathers are slower still), dense per-node matrices (memory bound). bfloat16 would "
+    "break the 1e-4 agreement (condition number ~1/(1-alpha) = 100). The kNN stage is a matrix "
+    "product on both sides and bounds the totals at 50k. The machine was shared with other "
+    "jobs (load average below), so the figures are noisy, single runs.",
 ]
 
 

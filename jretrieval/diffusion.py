@@ -52,9 +52,9 @@ about as fast: XLA's CPU gathers cost about as much per padded table entry as Sc
 per stored entry, and the tables hold ~4x more entries than the truncated subgraph (kd slots
 per row, ~12 inside the truncation set). Data whose mutual kNN graph has one large component
 (small, overlapping clusters) therefore gains little on CPU. The neighbour step computes each
-row block's similarities with one matrix product and selects the truncation set by an exact
-bisection on the float order (``lax.top_k`` with ``k = T`` is ~20x slower on CPU); only the
-first ``kd`` are sorted.
+row block's similarities with one matrix product, bounds the ``T``-th largest from below by an
+exact bisection over a column sample, and picks the exact top ``T`` among the few candidates on
+the host (``lax.top_k`` with ``k = T`` is ~20x slower on CPU); only the first ``kd`` are sorted.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
 the numeric kernels inside are jitted with static shapes.
