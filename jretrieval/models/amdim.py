@@ -43,6 +43,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jretrieval.models.resnet import batch_norm  # torch eps and variance formula
+
 #: (layer index, input width, output width in units of ndf, kernel, stride) of the ConvResBlocks.
 RES_BLOCKS = ((2, 1, 2, 4, 2), (3, 2, 4, 4, 2), (4, 4, 8, 2, 2), (6, 8, 8, 3, 1), (7, 8, 8, 3, 1))
 NUM_LAYERS = 10
@@ -60,18 +62,6 @@ def layer_sizes(size: int) -> list[int]:
     sizes.append(sizes[-1] - 2)  # layer 8: 3x3/1
     sizes.append(sizes[-1])  # layer 9: BatchNorm
     return sizes
-
-
-def batch_norm(train: bool, momentum: float, dtype: Any, name: str) -> nn.BatchNorm:
-    """torch-like BatchNorm: eps 1e-5, ``mean((x - mean)^2)`` variance, batch stats if train."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=momentum,
-        epsilon=1e-5,
-        dtype=dtype,
-        use_fast_variance=False,
-        name=name,
-    )
 
 
 def maybe_batch_norm(module: nn.Module, bn: nn.BatchNorm, x: jax.Array, use: bool) -> jax.Array:
