@@ -76,7 +76,7 @@ from jax.typing import ArrayLike
 
 from jretrieval import progress, search
 
-__all__ = ["MODES", "Offline", "offline", "online_rank", "rank"]
+__all__ = ["MODES", "Offline", "fingerprint", "offline", "online_rank", "rank"]
 
 MODES = ("joint", "online")
 _HIGHEST = lax.Precision.HIGHEST
@@ -125,7 +125,8 @@ class Offline:
 # Validation
 
 
-def _fingerprint(x: np.ndarray) -> str:
+def fingerprint(x: np.ndarray) -> str:
+    """Digest of a descriptor set, recorded in ``Offline`` so a stale result is refused."""
     return hashlib.blake2b(
         np.ascontiguousarray(x, np.float32).tobytes(), digest_size=12
     ).hexdigest()
@@ -535,7 +536,7 @@ def offline(
         alpha=float(alpha),
         tol=float(tol),
         max_iter=int(max_iter),
-        fingerprint=_fingerprint(x),
+        fingerprint=fingerprint(x),
     )
 
 
@@ -622,7 +623,7 @@ def online_rank(
             f"database {db.shape}"
         )
     n = db.shape[0]
-    if off.indices.shape[0] != n or _fingerprint(db) != off.fingerprint:
+    if off.indices.shape[0] != n or fingerprint(db) != off.fingerprint:
         raise ValueError(
             f"the offline matrix was computed from other descriptors ({off.indices.shape[0]} "
             f"nodes, fingerprint {off.fingerprint}) than this database {db.shape}; recompute it "

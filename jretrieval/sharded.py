@@ -43,7 +43,6 @@ two BLAS libraries. On tie-free data, and for exact ties (duplicates), the resul
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any, NamedTuple
 
 import jax
@@ -678,13 +677,6 @@ def dba(
     return Sharded(out, db.n)
 
 
-def _fingerprint(x: np.ndarray) -> str:
-    # Must equal jretrieval.diffusion's fingerprint so that its online_rank accepts our Offline.
-    return hashlib.blake2b(
-        np.ascontiguousarray(x, np.float32).tobytes(), digest_size=12
-    ).hexdigest()
-
-
 def offline(
     database: ArrayLike,
     *,
@@ -741,7 +733,7 @@ def offline(
     if host is None:
         host = to_host(jnp.asarray(database, jnp.float32))
     return diffusion.Offline(
-        indices=ids[:m], values=vals[:m], fingerprint=_fingerprint(host), **params
+        indices=ids[:m], values=vals[:m], fingerprint=diffusion.fingerprint(host), **params
     )
 
 
