@@ -72,6 +72,38 @@ __all__ = [
 
 MODES = ("exact", "pytorch")
 MODEL_POOLING = "model"
+#: XLA options of the jitted extraction and recalibration steps when the backend is CPU. jax
+#: 0.10's XLA CPU lowers convolutions to YNNPACK by default; its Eigen convolutions are about
+#: 25% faster for ResNet-50 at 724 px on AVX-512 (``docs/bench_extract.md``). Other backends
+#: compile with their defaults.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _cpu_tuned() -> bool:
+    """Whether the default backend is CPU and its XLA accepts ``CPU_COMPILER_OPTIONS``."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        probe = jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)
+        probe.lower(np.zeros(1, np.float32)).compile()
+    except jax.errors.JaxRuntimeError as err:  # an XLA without these options: its defaults
+        logging.warning("XLA CPU rejects %s (%s); default options", CPU_COMPILER_OPTIONS, err)
+        return False
+    return True
+
+
+def _jit_pair(fun: Callable, static_argnames: tuple[str, ...]) -> tuple[Callable, Callable]:
+    """``fun`` jitted with ``CPU_COMPILER_OPTIONS`` and without. JAX accepts compiler options
+    only on a top-level jit: the first is for concrete calls on CPU, the second for other
+    backends and for calls under a trace (``jax.eval_shape``, a caller's ``jax.jit``)."""
+    cpu = jax.jit(fun, static_argnames=static_argnames, compiler_options=CPU_COMPILER_OPTIONS)
+    return cpu, jax.jit(fun, static_argnames=static_argnames)
+
+
+def _pick(pair: tuple[Callable, Callable], x: Any) -> Callable:
+    """The member of a ``_jit_pair`` to call on ``x``."""
+    return pair[0] if _cpu_tuned() and not isinstance(x, jax.core.Tracer) else pair[1]
 
 
 def normalise(images: ArrayLike, mean: ArrayLike, std: ArrayLike) -> jax.Array:
@@ -109,14 +141,16 @@ def _replace_variables(encoder: Any, variables: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- recalibration
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
-def _raw_batch_stats(
+def _raw_batch_stats_fn(
     module: nn.Module, variables: Any, images: jax.Array, mean: jax.Array, std: jax.Array
 ) -> Any:
     """Each BN layer's batch mean and biased variance (``module.bn_momentum`` must be 0)."""
     x = normalise(images, mean, std)
     _, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
     return updates["batch_stats"]
+
+
+_raw_batch_stats, _raw_batch_stats_other = _jit_pair(_raw_batch_stats_fn, ("module",))
 
 
 def _bn_counts(module: nn.Module, variables: Any, shape: tuple[int, ...]) -> dict[tuple, int]:
@@ -270,7 +304,8 @@ def recalibrate_bn(
             continue
         if imgs.shape not in counts_by_shape:
             counts_by_shape[imgs.shape] = _bn_counts(stats_module, variables, imgs.shape)
-        stats = _raw_batch_stats(stats_module, variables, imgs, mean, std)  # async dispatch
+        raw_stats = _pick((_raw_batch_stats, _raw_batch_stats_other), imgs)
+        stats = raw_stats(stats_module, variables, imgs, mean, std)  # async dispatch
         if pending is not None:  # fetch the previous batch while this one runs
             acc.update(*_called(pending))
         pending = (stats, counts_by_shape[imgs.shape])
@@ -301,11 +336,7 @@ def recalibrate_bn(
 # ----------------------------------------------------------------------------- extraction
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("module", "pooling", "pooling_kwargs", "map_size", "map_method"),
-)
-def _describe(
+def _describe_fn(
     module: nn.Module,
     variables: Any,
     images: jax.Array,
@@ -328,6 +359,11 @@ def _describe(
     from jretrieval.pooling import POOLING
 
     return POOLING[pooling](fmap, **dict(pooling_kwargs)).astype(jnp.float32)
+
+
+_describe, _describe_other = _jit_pair(
+    _describe_fn, ("module", "pooling", "pooling_kwargs", "map_size", "map_method")
+)
 
 
 def _check_pooling(encoder: Any, pooling: str, map_size: Any) -> None:
@@ -359,7 +395,8 @@ def make_step(
     ``(h, w)`` with ``jax.image.resize(method=map_method, antialias=True)`` (for downsampling a
     triangle filter widened by the scale factor, i.e. Pillow-style antialiased bilinear with
     half-pixel centres; AMDIM's 40x40 -> 23x23 in the paper), then ``POOLING[pooling]`` (or the
-    model's own descriptor for ``"model"``), all in one jitted call cached across calls.
+    model's own descriptor for ``"model"``), all in one jitted call cached across calls
+    (compiled with ``CPU_COMPILER_OPTIONS`` on CPU).
     """
     _check_pooling(encoder, pooling, map_size)
     mean, std = _mean_std(encoder)
@@ -367,18 +404,21 @@ def make_step(
         if len(map_size) != 2 or min(int(s) for s in map_size) < 1:
             raise ValueError(f"map_size={map_size!r}; expected (h, w) positive")
         map_size = (int(map_size[0]), int(map_size[1]))
-    kwargs = tuple(sorted((pooling_kwargs or {}).items()))
-    return functools.partial(
-        _describe,
-        encoder.module,
-        encoder.variables,
+    fixed = dict(
         mean=mean,
         std=std,
         pooling=pooling,
-        pooling_kwargs=kwargs,
+        pooling_kwargs=tuple(sorted((pooling_kwargs or {}).items())),
         map_size=map_size,
         map_method=map_method,
     )
+    module, variables = encoder.module, encoder.variables
+
+    def step(images: ArrayLike) -> jax.Array:
+        fn = _pick((_describe, _describe_other), images)
+        return fn(module, variables, images, **fixed)
+
+    return step
 
 
 def padded_batch_size(b: int, batch_size: int, multiple: int = 1) -> int:
