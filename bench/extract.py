@@ -1,31 +1,35 @@
 """Encoder throughput at 724x724: jretrieval's jitted ResNet-50 + R-MAC beside PyTorch's ResNet-50.
 
-Run from the repo root (about 10 min on 2 cores; run it when the machine is otherwise idle,
-``uptime``):
+Run from the repo root, preferably when the machine is otherwise idle (``uptime``):
 
-    python -m bench.extract [--batch-sizes 1,4] [--repeats 5] [--size 724]
-    python -m bench.extract --parts=main,variants   # also XLA CPU compiler option variants
+    python -m bench.extract                       # main: about 10 min on 2 cores
+    python -m bench.extract --parts=variants      # XLA CPU compiler options, about 5 min
+    python -m bench.extract --parts=demo          # mAP float32 vs bfloat16 on the demo set
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
 inside its jitted step exactly as extraction does (``jretrieval.extract.make_step``: ``/255``,
-mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``); PyTorch gets a float32
-``[B, 3, H, W]`` tensor already normalised and runs the encoder alone (no pooling), which
-favours the reference.
+mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``, compiled with
+``extract.CPU_COMPILER_OPTIONS``); PyTorch gets a float32 ``[B, 3, H, W]`` tensor already
+normalised and runs the encoder alone (no pooling), which favours the reference.
 
-What is timed, all in this one process with interleaved rounds (every configuration once per
-round, the order rotated each round) so that load from other processes hits all of them alike:
+``main`` times, in this one process with interleaved rounds (every configuration once per
+round, the order rotated each round) so that load from other processes hits all alike:
 
-- ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as the trained one)
-  in float32 and in bfloat16 (``Encoder.module`` cloned with ``dtype=bfloat16``: convs in
-  bfloat16, BN statistics and parameters float32, R-MAC in float32), one jitted call per batch.
+- ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as a trained one) in
+  float32 and in bfloat16 (``Encoder.with_dtype("bfloat16")``: convs in bfloat16, parameters
+  and BN statistics float32, R-MAC in float32), one jitted call per batch; XLA uses all cores.
 - ``pytorch``: ``tests.torch_reference.torch_resnet(50)`` (torchvision layout), ``eval()``,
-  ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``, in default contiguous NCHW
-  and in ``channels_last``; float32 and bfloat16 (module and input cast with ``.to``). The
-  faster layout at each batch size is the reference ("PyTorch float32"); XLA CPU uses all cores.
+  ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``, default contiguous NCHW and
+  ``channels_last``, float32 and bfloat16 (module and input cast with ``.to``); plus float32
+  on one thread, because OpenMP's barriers stall when other processes hold a core. The ratio
+  column divides by the fastest PyTorch float32 row at the same batch size.
 
-The first two calls of every configuration (compilation, oneDNN primitive creation, allocator
-warm-up) are excluded; each figure is the median over ``--repeats`` rounds. The load average
-before and after is recorded. Results: a printed table and ``docs/bench_extract.md``.
+Each figure is the batch size over the median (and, "best", the minimum) of ``--repeats``
+rounds; the first two calls of each configuration (compilation, oneDNN primitive creation) are
+excluded. The load average before and after is recorded. ``--parts=variants`` compares XLA CPU
+compiler options (``XLA_VARIANTS``) the same way; ``--parts=demo`` measures mAP on the offline
+demo set (``demo_accuracy``). Results are printed and written to ``docs/bench_extract.md``
+between per-part markers (the hand-written notes around them are kept).
 """
 
 from __future__ import annotations
@@ -45,16 +49,17 @@ from typing import Any
 import numpy as np
 
 DOC = "docs/bench_extract.md"
-#: XLA CPU compiler options tried by ``--xla-variants`` (``jax.jit(...).lower(x).compile(
-#: compiler_options=...)``, the per-executable form of ``XLA_FLAGS``), each beside the default in
-#: the same interleaved rounds. jax 0.10's XLA CPU lowers convolutions to YNNPACK fusions by
-#: default; ``xla_cpu_experimental_ynn_fusion_type=""`` turns that off (Eigen convolutions, 1x1
-#: convolutions rewritten as dots); ``LIBRARY_FUSION_TYPE_ELTWISE`` lets YNNPACK take whole
-#: conv + BN + ReLU (+ residual) subgraphs (compiles for minutes at 724 px).
+#: XLA CPU compiler options compared by ``--parts=variants`` (``jax.jit(step).lower(x).compile(
+#: compiler_options=...)``, the per-executable form of ``XLA_FLAGS``), in the same interleaved
+#: rounds. jax 0.10's XLA CPU lowers convolutions to YNNPACK fusions by default;
+#: ``xla_cpu_experimental_ynn_fusion_type=""`` turns that off (XLA's Eigen convolutions, 1x1
+#: convolutions rewritten as dots): jretrieval's ``extract.CPU_COMPILER_OPTIONS``.
+#: ``LIBRARY_FUSION_TYPE_ELTWISE`` lets YNNPACK take whole conv + BN + ReLU (+ residual)
+#: subgraphs (its first call builds them for about a minute at 724 px).
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 XLA_VARIANTS: dict[str, dict[str, Any]] = {
-    "default (YNNPACK convolutions)": {},
-    f'{YNN}="" (Eigen convolutions)': {YNN: ""},
+    "XLA defaults (YNNPACK convolutions)": {},
+    f'{YNN}="" (Eigen convolutions; jretrieval on CPU)': {YNN: ""},
     f"{YNN}=LIBRARY_FUSION_TYPE_ELTWISE": {YNN: "LIBRARY_FUSION_TYPE_ELTWISE"},
     "xla_cpu_enable_fast_math=true": {"xla_cpu_enable_fast_math": True},
     "xla_cpu_use_onednn=true": {"xla_cpu_use_onednn": True},
@@ -225,6 +230,25 @@ def _noisy_loader(seed: int) -> Callable[..., np.ndarray]:
     return load
 
 
+def _stage_errors(encoder: Any, paths: list[str], policy: Any) -> dict[str, float]:
+    """``||bf16 - f32|| / ||f32||`` of every stage output of ``encoder`` on ``paths``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jretrieval.datasets import images as images_lib
+    from jretrieval.extract import normalise
+
+    imgs = np.stack([images_lib.load_image(p, policy=policy) for p in paths])
+    x = normalise(imgs, encoder.preprocessing["mean"], encoder.preprocessing["std"])
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        enc = encoder.with_dtype(dtype)
+        stages = jax.jit(lambda v, x, m=enc.module: m.apply(v, x, train=False)[1])(enc.variables, x)
+        out[dtype] = {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in stages.items()}
+    a, b = out["float32"], out["bfloat16"]
+    return {k: float(np.linalg.norm(b[k] - a[k]) / np.linalg.norm(a[k])) for k in a}
+
+
 def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -> list[dict]:
     """mAP (%) of every Table 1 column on the offline demo set (``configs/demo.py``): float32,
     bfloat16, and float32 on inputs with +-1 grey level of noise (two seeds; the size of
@@ -253,6 +277,8 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
             "float32, input +-1 grey level (seed 0)": (encoder, _noisy_loader(0)),
             "float32, input +-1 grey level (seed 1)": (encoder, _noisy_loader(1)),
         }
+        stage_errors = _stage_errors(encoder, dataset.db_paths[:4], policy)
+        print(f"  demo bn={bn}: bfloat16 relative error per stage {stage_errors}", flush=True)
         base = None
         for name, (enc, loader) in variants.items():
             out = []
@@ -275,7 +301,15 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
             a, b = base.database.astype(np.float64), desc.database.astype(np.float64)
             cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
             maps = {col: vals["mAP"] for col, vals in table.items()}
-            rows.append({"bn": bn, "variant": name, "cos_min": float(cos.min()), "mAP": maps})
+            rows.append(
+                {
+                    "bn": bn,
+                    "variant": name,
+                    "cos_min": float(cos.min()),
+                    "mAP": maps,
+                    "stage_errors": stage_errors,
+                }
+            )
             print(f"  demo bn={bn} {name}: {maps}", flush=True)
     return rows
 
@@ -293,6 +327,16 @@ def demo_table(rows: list[dict]) -> str:
             delta = r["mAP"][c] - base["mAP"][c]
             cells.append(f"{r['mAP'][c]:.2f}" + ("" if r is base else f" ({delta:+.2f})"))
         lines.append(f"| {r['bn']} | {r['variant']} | {r['cos_min']:.5f} | " + " | ".join(cells))
+    lines += [
+        "",
+        "Relative L2 error `||bf16 - f32|| / ||f32||` of each stage output (4 database images):",
+        "",
+        "| BN | " + " | ".join(rows[0]["stage_errors"]) + " |",
+        "| --- | " + " | ".join("---:" for _ in rows[0]["stage_errors"]) + " |",
+    ]
+    for bn in dict.fromkeys(r["bn"] for r in rows):
+        errs = next(r["stage_errors"] for r in rows if r["bn"] == bn)
+        lines.append(f"| {bn} | " + " | ".join(f"{v:.2e}" for v in errs.values()) + " |")
     return "\n".join(lines)
 
 
