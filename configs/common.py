@@ -177,6 +177,8 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.diffusion.gamma = 3.0
     config.diffusion.alpha = 0.99
     config.diffusion.mode = "joint"  # joint (the authors' code) | online (unseen queries)
+    # auto: the native C++ kernel on CPU (built on first use), XLA elsewhere | native | xla
+    config.diffusion.solver = "auto"
 
     config.distributed = ml_collections.ConfigDict()
     # True: jax.distributed.initialize() (coordinator from the cluster environment) and each

@@ -38,23 +38,29 @@ product instead of arbitrarily; (c) query weights in online mode are clipped at 
 affinity (``sims ** 3`` of a negative similarity would subtract a row); (d) online mode ranks
 all ``N`` items, not only the first ``T``; (e) float32 CG (SciPy upcasts to float64).
 
-Speed. The truncated systems only couple nodes of the same connected component of the mutual
-kNN graph, and ``x`` is exactly zero outside the node's own component; so nodes are grouped by
-component. Components of at most ``dense_max`` nodes are solved for all their nodes at once as
-dense matrix products (one block matrix shared by every node of a block of components, masked
-per node to its truncation set and component): exact, and it turns the per-node sparse matvecs
-into GEMMs (``_tiers`` picks a few block sizes, each a separate compilation). Nodes of larger
-components are solved per node on fixed-size ``[T, kd]`` neighbour tables (vmap over a chunk of
-nodes). Both paths run the same fixed-iteration CG (``lax.fori_loop``) with the tolerance stop
-masked per node. On a 2-core CPU (``bench/diffusion.py``, ``docs/bench_diffusion.md``) the
-GEMM path is ~4x faster than the authors' per-node SciPy loop, but the per-node path is only
-about as fast: XLA's CPU gathers cost about as much per padded table entry as SciPy's CSR loop
-per stored entry, and the tables hold ~4x more entries than the truncated subgraph (kd slots
-per row, ~12 inside the truncation set). Data whose mutual kNN graph has one large component
-(small, overlapping clusters) therefore gains little on CPU. The neighbour step computes each
-row block's similarities with one matrix product, bounds the ``T``-th largest from below by an
-exact bisection over a column sample, and picks the exact top ``T`` among the few candidates on
-the host (``lax.top_k`` with ``k = T`` is ~20x slower on CPU); only the first ``kd`` are sorted.
+Speed. Two solvers give the same values (to float rounding), ``solver="auto"`` picks one:
+
+- ``"native"`` (the default on CPU): ``jretrieval.native.truncated_cg``, a C++ XLA custom call
+  compiled on first use. Per node it stores only the edges inside the truncation set that the
+  node reaches (x is exactly zero elsewhere) and runs the CG on that sparse matrix, threads over
+  nodes. On a 2-core CPU it is ~6-14x faster than the authors' per-node SciPy loop
+  (``bench/diffusion.py``, ``docs/bench_diffusion.md``).
+- ``"xla"`` (GPU/TPU, or CPU without a C++ compiler): the truncated systems only couple nodes of
+  the same connected component of the mutual kNN graph, and ``x`` is exactly zero outside the
+  node's own component; so nodes are grouped by component. Components of at most ``dense_max``
+  nodes are solved for all their nodes at once as dense matrix products (one block matrix
+  shared by every node of a block of components, masked per node to its truncation set and
+  component): exact, and it turns the per-node sparse matvecs into GEMMs (``_tiers`` picks a few
+  block sizes, each a separate compilation). Nodes of larger components are solved per node on
+  fixed-size ``[T, kd]`` neighbour tables (vmap over a chunk of nodes). Both paths run the same
+  fixed-iteration CG (``lax.fori_loop``) with the tolerance stop masked per node. On CPU the
+  per-node path is gather-bound (the padded tables hold ~4x more entries than the truncated
+  subgraph), about as fast as SciPy; on accelerators gathers and GEMMs are cheap.
+
+The neighbour step computes each row block's similarities with one matrix product, bounds the
+``T``-th largest from below by an exact bisection over a column sample, and picks the exact top
+``T`` among the few candidates on the host (``lax.top_k`` with ``k = T`` is ~20x slower on
+CPU); only the first ``kd`` are sorted.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
 the numeric kernels inside are jitted with static shapes.
@@ -74,11 +80,12 @@ from absl import logging
 from jax import lax
 from jax.typing import ArrayLike
 
-from jretrieval import progress, search
+from jretrieval import native, progress, search
 
-__all__ = ["MODES", "Offline", "fingerprint", "offline", "online_rank", "rank"]
+__all__ = ["MODES", "SOLVERS", "Offline", "fingerprint", "offline", "online_rank", "rank"]
 
 MODES = ("joint", "online")
+SOLVERS = ("auto", "native", "xla")
 _HIGHEST = lax.Precision.HIGHEST
 _BUDGET = 1 << 22  # elements per array in one chunk (16 MB of float32)
 
@@ -380,6 +387,46 @@ def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
     return _cg(matvec, b, max_iter=max_iter, tol=tol)
 
 
+@functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
+def _solve_native(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
+    """``_solve_nodes`` by the native CPU kernel; ``nodes`` int32 ``[C]``. -> ``[C, T]``."""
+    return native.truncated_cg(ids[nodes], ids_kd, a_s, max_iter=max_iter, tol=tol)
+
+
+# Nodes per native call: one compiled shape, progress every ~0.1-1 s, 8 MB of output at T=1000.
+_NATIVE_CHUNK = 2048
+
+
+def _solve_all_native(ids, ids_kd, a_s, *, max_iter, tol) -> np.ndarray:
+    m, t = ids.shape
+    chunk = min(_NATIVE_CHUNK, m)
+    values = np.zeros((m, t), np.float32)
+    args = tuple(jnp.asarray(a) for a in (ids, ids_kd, a_s))
+    starts = range(0, m, chunk)
+    count = lambda g: min(chunk, m - g)
+    for g in progress.track(starts, total=m, desc="diffusion solves", unit="nodes", count=count):
+        nodes = np.minimum(np.arange(g, g + chunk), m - 1).astype(np.int32)  # last chunk padded
+        out = _solve_native(jnp.asarray(nodes), *args, max_iter=max_iter, tol=tol)
+        values[g : g + count(g)] = np.asarray(out)[: count(g)]
+    return values
+
+
+def use_native(solver: str, platform: str | None = None) -> bool:
+    """Resolves ``solver`` for devices of ``platform`` (default: JAX's default backend):
+    ``"auto"`` is native on CPU when the kernel builds (see the module docstring)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    platform = platform or jax.default_backend()
+    if solver == "xla":
+        return False
+    if solver == "native":
+        if platform != "cpu":
+            raise ValueError(f'solver="native" runs on CPU only, not on {platform} devices')
+        native.require()
+        return True
+    return platform == "cpu" and native.available()
+
+
 # Speed heuristic of the dense path (results do not depend on it): a block size is worth its
 # own compilation (~1 s) only if it saves more than that many GEMM FLOPs (~5e10 FLOP/s on CPU).
 _COMPILE_FLOPS = 5e10
@@ -487,6 +534,7 @@ def offline(
     max_iter: int = 20,
     dense_max: int = 1024,
     node_chunk: int = 16,
+    solver: str = "auto",
 ) -> Offline:
     """The offline diffusion matrix of a descriptor set (reusable across query sets).
 
@@ -501,6 +549,8 @@ def offline(
       dense_max: components up to this size are solved as dense GEMMs (speed only; any value
         gives the same result).
       node_chunk: nodes per batched call on the per-node path (speed/memory only).
+      solver: ``"native"`` (C++ kernel, CPU only), ``"xla"``, or ``"auto"`` (native on CPU when
+        it builds, else xla); speed only: the values agree to float rounding.
 
     Returns:
       ``Offline`` with ``indices``/``values`` ``[M, T]``.
@@ -514,19 +564,23 @@ def offline(
     _check_int("dense_max", dense_max, 1)
     _check_int("node_chunk", node_chunk, 1)
     _check_params(gamma, alpha, tol)
+    on_native = use_native(solver)
     ids, ids_kd, sims_kd = _neighbours(x, t, kd)
     a_s, mutual = _graph(jnp.asarray(ids_kd), jnp.asarray(sims_kd), float(gamma), float(alpha))
-    labels = np.asarray(_components(jnp.asarray(ids_kd), mutual))
-    values = _solve(
-        ids,
-        ids_kd,
-        np.asarray(a_s),
-        labels,
-        max_iter=int(max_iter),
-        tol=float(tol),
-        dense_max=int(dense_max),
-        node_chunk=int(node_chunk),
-    )
+    if on_native:
+        values = _solve_all_native(ids, ids_kd, a_s, max_iter=int(max_iter), tol=float(tol))
+    else:
+        labels = np.asarray(_components(jnp.asarray(ids_kd), mutual))
+        values = _solve(
+            ids,
+            ids_kd,
+            np.asarray(a_s),
+            labels,
+            max_iter=int(max_iter),
+            tol=float(tol),
+            dense_max=int(dense_max),
+            node_chunk=int(node_chunk),
+        )
     return Offline(
         indices=jnp.asarray(ids),
         values=jnp.asarray(values),
@@ -654,6 +708,7 @@ def rank(
     gamma: float = 3.0,
     alpha: float = 0.99,
     mode: str = "joint",
+    solver: str = "auto",
 ) -> jax.Array:
     """Diffusion ranking (Yang et al., AAAI 2019) of a database for each query.
 
@@ -665,6 +720,7 @@ def rank(
       kq: query neighbours in ``"online"`` mode (unused in ``"joint"``), ``<= N``.
       gamma: similarity exponent; alpha: diffusion weight in ``(0, 1)``.
       mode: ``"joint"`` (queries are graph nodes; authors' default) or ``"online"``.
+      solver: the offline solves' kernel, ``"auto"``, ``"native"`` or ``"xla"`` (``offline``).
 
     Returns:
       int32 ``[Q, N]`` database indices, best first.
@@ -680,8 +736,9 @@ def rank(
         )
     _check_int("kq", kq, 1, db.shape[0], f" (database of shape {db.shape})")
     if mode == "online":
-        off = offline(db, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha)
+        off = offline(db, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha, solver=solver)
         return online_rank(off, q, db, kq=kq)
-    off = offline(np.concatenate([q, db]), truncation=truncation, kd=kd, gamma=gamma, alpha=alpha)
+    graph = np.concatenate([q, db])
+    off = offline(graph, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha, solver=solver)
     scores = _joint_scores(off, q.shape[0])
     return _order(scores, _similarities(q, db))

@@ -34,9 +34,9 @@ augmented with each other.
 
 Parameters come from the experiment config: ``cfg.ranking`` (``aqe_k``, ``dba_k``,
 ``combined_aqe_k``, ``combined_dba_k``, ``aqe_alpha``, ``dba_alpha``, ``block_size``) and
-``cfg.diffusion`` (``truncation``, ``kd``, ``kq``, ``gamma``, ``alpha``, ``mode``; keyword
-arguments of ``jretrieval.diffusion.rank``). ``rank_columns`` computes several columns at once,
-sharing the DBA'd database and the expanded queries between them.
+``cfg.diffusion`` (``truncation``, ``kd``, ``kq``, ``gamma``, ``alpha``, ``mode``, ``solver``;
+keyword arguments of ``jretrieval.diffusion.rank``). ``rank_columns`` computes several columns at
+once, sharing the DBA'd database and the expanded queries between them.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ SPECS: dict[str, ColumnSpec] = {
 }
 COLUMN_NAMES: tuple[str, ...] = tuple(SPECS)
 
-DIFFUSION_KEYS = ("truncation", "kd", "kq", "gamma", "alpha", "mode")
+DIFFUSION_KEYS = ("truncation", "kd", "kq", "gamma", "alpha", "mode", "solver")
 
 
 class RankingParams(NamedTuple):
@@ -115,6 +115,7 @@ class RankingParams(NamedTuple):
         "gamma": 3.0,
         "alpha": 0.99,
         "mode": "joint",
+        "solver": "auto",
     }
 
 

@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jretrieval import diffusion, search
+from jretrieval import diffusion, native, search
 from jretrieval.distributed import replicate, to_host
 from jretrieval.whitening import l2_normalize
 
@@ -510,14 +510,19 @@ def _solve_body(axis, n, fn, out_shape):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("mesh", "n", "node_chunk", "max_iter", "tol")
+    jax.jit, static_argnames=("mesh", "n", "node_chunk", "max_iter", "tol", "threads")
 )  # fmt: skip
-def _solve_impl(ids, ids_kd, a_s, *, mesh, n, node_chunk, max_iter, tol):
-    """The offline values ``[M, T]``: each device solves its own nodes, chunk by chunk."""
+def _solve_impl(ids, ids_kd, a_s, *, mesh, n, node_chunk, max_iter, tol, threads):
+    """The offline values ``[M, T]``: each device solves its own nodes, chunk by chunk, or all
+    at once with the native CPU kernel on ``threads`` threads (``threads > 0``)."""
     axis = _axis(mesh)
     t = ids.shape[1]
 
     def fn(t_ids, kd_all, as_all, out):
+        if threads:
+            kw = dict(max_iter=max_iter, tol=tol, num_threads=threads)
+            return native.truncated_cg(t_ids, kd_all, as_all, **kw)
+
         def solve(table, rows):
             return _solve_chunk(table, rows, kd_all, as_all, max_iter=max_iter, tol=tol)
 
@@ -690,6 +695,7 @@ def offline(
     block_size: int = 4096,
     query_block: int = 1024,
     node_chunk: int = 16,
+    solver: str = "auto",
     keep_sharded: bool = False,
 ) -> diffusion.Offline | tuple[Sharded, Sharded, dict[str, Any]]:
     """``diffusion.offline`` sharded over ``mesh`` (see the module docstring).
@@ -699,6 +705,7 @@ def offline(
       mesh: 1-D device mesh.
       truncation, kd, gamma, alpha, tol, max_iter: as ``diffusion.offline``.
       block_size, query_block: the kNN ring's blocks; node_chunk: nodes per batched solve.
+      solver: as ``diffusion.offline`` (``"auto"``: the native kernel on CPU devices).
       keep_sharded: return ``(indices, values, params)`` as ``Sharded`` ``[M, T]`` instead of
         a ``diffusion.Offline`` (whose arrays are unpadded, i.e. resharded by XLA).
 
@@ -717,6 +724,10 @@ def offline(
         raise ValueError(f"need 0 < alpha < 1, gamma > 0, tol >= 0, max_iter >= 0; got "
                          f"{alpha=}, {gamma=}, {tol=}, {max_iter=}")  # fmt: skip
     _check_blocks(block_size=block_size, query_block=query_block, node_chunk=node_chunk)
+    threads = 0
+    if diffusion.use_native(solver, mesh.devices.flat[0].platform):
+        local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        threads = native.threads(local)  # the local devices' solves run at the same time
     db = shard_rows(database, mesh)
     ids, ids_kd, a_s = _graph_impl(
         db.array, mesh=mesh, n=m, truncation=t, kd=kd, gamma=float(gamma), alpha=float(alpha),
@@ -724,7 +735,7 @@ def offline(
     )  # fmt: skip
     vals = _solve_impl(
         ids, ids_kd, a_s, mesh=mesh, n=m, node_chunk=node_chunk,
-        max_iter=int(max_iter), tol=float(tol),
+        max_iter=int(max_iter), tol=float(tol), threads=threads,
     )  # fmt: skip
     params = dict(truncation=t, kd=kd, gamma=float(gamma), alpha=float(alpha), tol=float(tol),
                   max_iter=int(max_iter))  # fmt: skip
@@ -822,6 +833,7 @@ def diffusion_rank(
     block_size: int = 4096,
     query_block: int = 1024,
     node_chunk: int = 16,
+    solver: str = "auto",
 ) -> jax.Array:
     """``diffusion.rank`` with the graph, the solves and the scores sharded over ``mesh``.
 
@@ -842,7 +854,8 @@ def diffusion_rank(
     if isinstance(kq, bool) or not isinstance(kq, int) or not 1 <= kq <= n:
         raise ValueError(f"kq={kq!r} is out of range: expected 1 <= kq <= {n} (database {x.shape})")
     kw = dict(mesh=mesh, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha,
-              block_size=block_size, query_block=query_block, node_chunk=node_chunk)  # fmt: skip
+              block_size=block_size, query_block=query_block, node_chunk=node_chunk,
+              solver=solver)  # fmt: skip
     db = shard_rows(x, mesh)
     sims = _sims_impl(replicate(jnp.asarray(q), mesh), db.array, mesh=mesh)[:, :n]
     if mode == "online":

@@ -138,6 +138,8 @@ def run_sharded(folder: str) -> None:
     g = inp["graph"]
     off = sharded.offline(g, mesh=mesh, truncation=60, kd=10, block_size=32, query_block=24)
     out["off_i"], out["off_v"] = np.asarray(off.indices), np.asarray(off.values)
+    kw = dict(truncation=60, kd=10, block_size=32, query_block=24, solver="xla")
+    out["off_v_xla"] = np.asarray(sharded.offline(g, mesh=mesh, **kw).values)
     gq = inp["graph_queries"]
     for mode in ("joint", "online"):
         out[f"dfs_{mode}"] = np.asarray(

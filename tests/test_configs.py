@@ -30,6 +30,7 @@ PAPER_DIFFUSION = {
     "gamma": 3.0,
     "alpha": 0.99,
     "mode": "joint",
+    "solver": "auto",
 }
 
 

@@ -113,10 +113,14 @@ def data():
     return x[:30], x[30:]  # 30 queries, 300 database vectors
 
 
-@pytest.mark.parametrize("dense_max", [1024, 1])  # component GEMM path / per-node path
-def test_offline_matches_reference(data, dense_max):
+# The native kernel; XLA's component GEMM path; XLA's per-node path.
+SOLVERS = [("native", 1024), ("xla", 1024), ("xla", 1)]
+
+
+@pytest.mark.parametrize(("solver", "dense_max"), SOLVERS)
+def test_offline_matches_reference(data, solver, dense_max):
     _, db = data
-    off = diffusion.offline(db, truncation=100, kd=10, dense_max=dense_max)
+    off = diffusion.offline(db, truncation=100, kd=10, dense_max=dense_max, solver=solver)
     assert off.indices.shape == off.values.shape == (300, 100)
     np.testing.assert_array_equal(np.asarray(off.indices[:, 0]), np.arange(300))
     ref = ref_offline(db, 100, 10)
@@ -128,13 +132,13 @@ def test_offline_matches_reference(data, dense_max):
     assert all(set(a) == set(b) for a, b in zip(np.asarray(off.indices), ids, strict=True))
 
 
-def test_offline_connected_graph_both_paths():
-    # One cluster: a single component, so dense_max decides the path; both give the reference.
+@pytest.mark.parametrize(("solver", "dense_max"), SOLVERS)
+def test_offline_connected_graph_every_path(solver, dense_max):
+    # One cluster: a single component, so dense_max decides XLA's path; all give the reference.
     x = clustered(160, dim=16, clusters=1, noise=3.0, seed=2)
     ref = ref_offline(x, 60, 12)
-    for dense_max in (1024, 8):
-        got = dense(diffusion.offline(x, truncation=60, kd=12, dense_max=dense_max))
-        assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
+    got = dense(diffusion.offline(x, truncation=60, kd=12, dense_max=dense_max, solver=solver))
+    assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
 
 
 def test_joint_rank_matches_reference(data):
@@ -263,6 +267,7 @@ def test_offline_is_a_pytree(data):
         ({"alpha": 1.0}, "alpha must be in"),
         ({"gamma": -1.0}, "gamma must be"),
         ({"mode": "both"}, "mode must be one of"),
+        ({"solver": "scipy"}, "solver must be one of"),
     ],
 )
 def test_bad_input(kwargs, match):
@@ -300,7 +305,7 @@ def test_several_block_sizes_match_reference(monkeypatch):
     labels = np.asarray(diffusion._components(jnp.asarray(ids_kd), mutual))
     tiers, _ = diffusion._tiers(np.unique(labels, return_counts=True)[1], 1024, 20)
     assert len(tiers) >= 3
-    got = dense(diffusion.offline(x, truncation=100, kd=8))
+    got = dense(diffusion.offline(x, truncation=100, kd=8, solver="xla"))
     ref = ref_offline(x, 100, 8)
     assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
 

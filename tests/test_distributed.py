@@ -146,6 +146,7 @@ def test_diffusion_equals_one_device(run):
     off = diffusion.offline(g, truncation=60, kd=10)
     np.testing.assert_array_equal(out["off_i"], np.asarray(off.indices))
     np.testing.assert_allclose(out["off_v"], np.asarray(off.values), atol=1e-5)
+    np.testing.assert_allclose(out["off_v_xla"], np.asarray(off.values), atol=1e-5)  # XLA solves
     assert np.abs(out["off_v"]).max() > 0.5  # the solves did something (x[0] ~ 1 + ...)
     for mode in ("joint", "online"):
         ref = diffusion.rank(gq, g, truncation=60, kd=10, kq=5, mode=mode)

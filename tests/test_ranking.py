@@ -159,6 +159,7 @@ def test_paper_parameters_are_the_defaults():
         "gamma": 3.0,
         "alpha": 0.99,
         "mode": "joint",
+        "solver": "auto",
     }
 
 
