@@ -26,10 +26,12 @@ How each operation stays within one shard plus ``O(k)`` per query (never a ``Q x
 - ``offline`` / ``diffusion_rank`` (``jretrieval.diffusion``, Yang et al. 2019): truncation lists by
   ``knn`` (each node first), the mutual check by a ring pass over the ``kd``-lists, degrees
   all-gathered (``N`` floats), then the per-node truncated CG solves sharded along the node axis:
-  each device solves its own nodes in chunks of ``node_chunk`` with the ``[N, kd]`` neighbour
-  table replicated (``8 N kd`` bytes: 400 MB at one million nodes). Results equal
-  ``diffusion.offline`` up to float rounding (its dense per-component shortcut is a speed path
-  of the single-device code; here every node takes the per-node path).
+  each device solves its own nodes with the ``[N, kd]`` neighbour table replicated (``8 N kd``
+  bytes: 400 MB at one million nodes): on CPU devices by the native kernel
+  (``jretrieval.native``, ``solver="auto"``; the host's cores shared by its devices), elsewhere
+  by the XLA per-node kernel in chunks of ``node_chunk``. Results equal ``diffusion.offline`` up
+  to float rounding (its dense per-component shortcut is a speed path of the single-device XLA
+  code; here every node takes the per-node path).
 
 Every numeric kernel is a jitted ``jax.shard_map`` with static shapes; the public functions are
 thin eager wrappers that validate arguments (as ``jretrieval.search``) and place the inputs.
