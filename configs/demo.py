@@ -4,9 +4,9 @@ Command (from the repository root; the README's first command):
 
     python -m jretrieval.main --config=configs/demo.py
 
-Expected runtime on 2 CPU cores: about 2.5 min the first time (measured: 2 min 25 s wall and
-1 min 31 s CPU on a shared machine; building the 116-image set, BN recalibration and extraction at
-362x362 dominate), about 30 s afterwards (the set, BN statistics and descriptors are reused from
+Expected runtime on 2 CPU cores: 1-3.5 min the first time (measured: 1 min 14 s wall on a quiet
+machine, 2 min 25 s to 3 min 26 s on a shared one; building the 116-image set, BN recalibration
+and extraction at 362x362 dominate), about 30 s afterwards (the set, BN statistics and descriptors are reused from
 `runs/demo/`; delete it to start afresh). Result (measured): global search (G) mAP 36.08% against
 a chance level of 6.82%; the other columns are lower with random weights (see the note below).
 
