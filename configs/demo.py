@@ -6,9 +6,10 @@ Command (from the repository root; the README's first command):
 
 Expected runtime on 2 CPU cores: 1-3.5 min the first time (measured: 1 min 14 s wall on a quiet
 machine, 2 min 25 s to 3 min 26 s on a shared one; building the 116-image set, BN recalibration
-and extraction at 362x362 dominate), about 30 s afterwards (the set, BN statistics and descriptors are reused from
-`runs/demo/`; delete it to start afresh). Result (measured): global search (G) mAP 36.08% against
-a chance level of 6.82%; the other columns are lower with random weights (see the note below).
+and extraction at 362x362 dominate), about 30 s afterwards (the set, BN statistics and
+descriptors are reused from `runs/demo/`; delete it to start afresh). Result (measured): global
+search (G) mAP 36.08% against a chance level of 6.82%; the other columns are lower with random
+weights (see the note below).
 
 Nothing is downloaded. The dataset is built by `jretrieval.datasets.demo.build_demo_dataset`
 under `runs/demo/data/demo/` (several cropped, scaled, rotated, warped and recoloured views of
