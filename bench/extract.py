@@ -326,7 +326,7 @@ def demo_table(rows: list[dict]) -> str:
         for c in columns:
             delta = r["mAP"][c] - base["mAP"][c]
             cells.append(f"{r['mAP'][c]:.2f}" + ("" if r is base else f" ({delta:+.2f})"))
-        lines.append(f"| {r['bn']} | {r['variant']} | {r['cos_min']:.5f} | " + " | ".join(cells))
+        lines.append(f"| {r['bn']} | {r['variant']} | {r['cos_min']:.5f} | {' | '.join(cells)} |")
     lines += [
         "",
         "Relative L2 error `||bf16 - f32|| / ||f32||` of each stage output (4 database images):",
