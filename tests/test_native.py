@@ -15,7 +15,7 @@ import pytest
 
 from jretrieval import diffusion, native
 
-from .test_diffusion import clustered, dense, ref_offline, two_chains
+from .test_diffusion import clustered, dense, needs_compiler, ref_offline, two_chains
 
 
 def _cg(t_ids, ids_kd, a_s, max_iter=20, tol=1e-6, **kw):
@@ -23,6 +23,7 @@ def _cg(t_ids, ids_kd, a_s, max_iter=20, tol=1e-6, **kw):
     return np.asarray(native.truncated_cg(*args, max_iter=max_iter, tol=tol, **kw))
 
 
+@needs_compiler
 def test_two_node_system_by_hand():
     # alpha S = [[0, .5], [.5, 0]]: L = [[1, -.5], [-.5, 1]], L^-1 e_0 = [4/3, 2/3].
     ids_kd, a_s = [[0, 1], [1, 0]], np.array([[0.0, 0.5], [0.0, 0.5]], np.float32)
@@ -37,6 +38,7 @@ def test_two_node_system_by_hand():
     np.testing.assert_allclose(_cg([[0], [1]], ids_kd, a_s), [[1], [1]], atol=1e-6)
 
 
+@needs_compiler
 @pytest.mark.parametrize("threads", [1, 3])
 def test_matches_the_xla_kernel_and_skips_unreached_nodes(threads):
     # Two chains: each truncation set spans both, but a node reaches only its own chain.
@@ -52,12 +54,14 @@ def test_matches_the_xla_kernel_and_skips_unreached_nodes(threads):
     assert other.any() and np.all(got[other] == 0)  # exactly zero, as in the XLA kernel
 
 
+@needs_compiler
 def test_runs_inside_jit():
     ids_kd, a_s = jnp.array([[0, 1], [1, 0]]), jnp.array([[0.0, 0.5], [0.0, 0.5]])
     f = jax.jit(lambda t: 2 * native.truncated_cg(t, ids_kd, a_s, max_iter=2, tol=1e-6))
     np.testing.assert_allclose(f(jnp.array([[1, 0]], jnp.int32)), [[8 / 3, 4 / 3]], atol=1e-6)
 
 
+@needs_compiler
 def test_bad_ids_are_refused_with_the_reason():
     ids_kd, a_s = [[0, 1], [1, 0]], np.zeros((2, 2), np.float32)
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"node id outside \[0, M\)"):
@@ -93,6 +97,7 @@ def test_without_a_compiler_auto_falls_back_to_xla(no_compiler):
     assert not list((native._cache_dir()).glob("*.so"))  # no half-built library left behind
 
 
+@needs_compiler
 def test_library_is_cached_by_source_and_jaxlib(tmp_path, monkeypatch):
     monkeypatch.setenv("JRETRIEVAL_CACHE", str(tmp_path))
     native._build.cache_clear()
