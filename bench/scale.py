@@ -125,41 +125,6 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _laplacian(sims: np.ndarray, ids: np.ndarray):
-    """The authors' ``get_laplacian``: mutual kNN affinity, ``I - alpha D^-1/2 W D^-1/2``."""
-    import scipy.sparse as sp
-
-    n = len(ids)
-    s = np.maximum(sims[:, :KD], 0) ** GAMMA
-    idk = ids[:, :KD]
-    rows, cols, vals = [], [], []
-    for i in range(n):
-        mutual = np.isin(idk[idk[i]], i).any(axis=1)
-        mutual[0] = False
-        if mutual.any():
-            rows.append(np.full(mutual.sum(), i))
-            cols.append(idk[i, mutual])
-            vals.append(s[i, mutual])
-    w = sp.csc_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(n, n),
-        dtype=np.float32,
-    )
-    d = w @ np.ones(n) + 1e-12
-    dm = sp.dia_matrix((d**-0.5, [0]), shape=(n, n), dtype=np.float32)
-    eye = sp.dia_matrix((np.ones(n), [0]), shape=(n, n), dtype=np.float32)
-    return (eye - ALPHA * (dm @ w @ dm)).tocsr()
-
-
-def _scipy_solves(lap, ids: np.ndarray, nodes: np.ndarray) -> None:
-    import scipy.sparse.linalg as sla
-
-    b = np.zeros(ids.shape[1])
-    b[0] = 1
-    for i in nodes:  # the authors' per-node loop
-        sla.cg(lap[ids[i]][:, ids[i]], b, rtol=1e-6, maxiter=20)
-
-
 def run_worker(stage: str, impl: str, n: int) -> dict:
     """One measurement (called in a fresh process). Returns the record for the results file."""
     import jax
@@ -337,14 +302,16 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         notes.append(f"Laplacian and solves: per-node times measured at N={per_node['n']} x N")
         return {"seconds": sum(parts.values()), "parts": parts, "note": "; ".join(notes)}
     t = time.perf_counter()
-    lap = _laplacian(sims, ids)
+    from bench.diffusion import ref_laplacian, ref_solves  # the same recipe, restated once
+
+    lap = ref_laplacian(sims, ids, KD)
     parts["Laplacian (authors' loop)"] = time.perf_counter() - t
     nodes = np.arange(n)
     if n > FULL_SCIPY_SOLVES:
         nodes = np.linspace(0, n - 1, SUBSET_NODES).astype(np.int64)
         notes.append(f"solves extrapolated from {len(nodes)} nodes (x {n / len(nodes):.0f})")
     t = time.perf_counter()
-    _scipy_solves(lap, ids, nodes)
+    ref_solves(lap, ids, nodes)
     parts["per-node CG loop"] = (time.perf_counter() - t) * n / len(nodes)
     return {
         "seconds": sum(parts.values()),

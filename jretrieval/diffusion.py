@@ -164,6 +164,16 @@ def _descriptors(x: ArrayLike, name: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
+def _pair(queries: ArrayLike, database: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    q, db = _descriptors(queries, "queries"), _descriptors(database, "database")
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(
+            f"queries and database have different descriptor sizes: queries {q.shape}, "
+            f"database {db.shape}"
+        )
+    return q, db
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Neighbours: truncation set by exact threshold bisection, kd-list by top_k on that set.
 
@@ -669,13 +679,7 @@ def online_rank(
     Returns:
       int32 ``[Q, N]`` database indices, best first.
     """
-    q = _descriptors(queries, "queries")
-    db = _descriptors(database, "database")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(
-            f"queries and database have different descriptor sizes: queries {q.shape}, "
-            f"database {db.shape}"
-        )
+    q, db = _pair(queries, database)
     n = db.shape[0]
     if off.indices.shape[0] != n or fingerprint(db) != off.fingerprint:
         raise ValueError(
@@ -727,13 +731,7 @@ def rank(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    q = _descriptors(queries, "queries")
-    db = _descriptors(database, "database")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(
-            f"queries and database have different descriptor sizes: queries {q.shape}, "
-            f"database {db.shape}"
-        )
+    q, db = _pair(queries, database)
     _check_int("kq", kq, 1, db.shape[0], f" (database of shape {db.shape})")
     if mode == "online":
         off = offline(db, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha, solver=solver)

@@ -352,28 +352,6 @@ def _dba_impl(db, alpha, *, mesh, k, n, block_size, query_block):
 # ----------------------------------------------------------------------------- diffusion
 
 
-def _cg(matvec, b, *, max_iter, tol):
-    """Batched CG from ``x = 0`` like SciPy's ``cg(rtol=tol, maxiter=max_iter)``: a system
-    keeps its iterate from the first iteration where ``||r|| < tol ||b||``."""
-    dot = lambda u, v: jnp.sum(u * v, axis=-1)
-    atol = tol * jnp.sqrt(dot(b, b))
-
-    def step(_, st):
-        x, r, p, rho, active = st
-        active = active & (jnp.sqrt(rho) >= atol) & (rho > 0)
-        qv = matvec(p)
-        pq = dot(p, qv)
-        a = jnp.where(active, rho / jnp.where(pq == 0, 1.0, pq), 0.0)[..., None]
-        x, r = x + a * p, r - a * qv
-        rho_new = dot(r, r)
-        beta = jnp.where(active, rho_new / jnp.where(rho == 0, 1.0, rho), 0.0)[..., None]
-        p = jnp.where(active[..., None], r + beta * p, p)
-        return x, r, p, jnp.where(active, rho_new, rho), active
-
-    init = (jnp.zeros_like(b), b, b, dot(b, b), jnp.ones(b.shape[:-1], bool))
-    return lax.fori_loop(0, max_iter, step, init)[0]
-
-
 def _table_rows(table, t_ids, ids_kd, a_s):
     """Non-zeros of the truncated operators ``alpha S[T_i, T_i]`` of a chunk of nodes.
 
@@ -412,7 +390,7 @@ def _solve_chunk(table, t_ids, ids_kd, a_s, *, max_iter, tol):
         return p - jnp.sum(vals * g, axis=-1)
 
     b = jnp.zeros((c, t), jnp.float32).at[:, 0].set(1.0)
-    return table, _cg(matvec, b, max_iter=max_iter, tol=tol)
+    return table, diffusion._cg(matvec, b, max_iter=max_iter, tol=tol)
 
 
 def _over_node_chunks(fn, t_ids, m_all, chunk, out_init):
