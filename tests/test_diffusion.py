@@ -325,3 +325,20 @@ def test_truncation_sets_are_the_nearest_neighbours_ties_by_index(n):
     np.testing.assert_array_equal(ids[:, 0], np.arange(n))
     assert all(set(a) == set(b) for a, b in zip(ids, want, strict=True))
     assert all(set(a) == set(b) for a, b in zip(ids_kd, want[:, :5], strict=True))
+
+
+def test_top_sets_match_a_per_row_sort_with_ties():
+    # Small integer scores make exact ties common; +inf marks a node's own column.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        rows, n = int(rng.integers(1, 6)), int(rng.integers(5, 60))
+        s = rng.integers(0, 6, (rows, n)).astype(np.float32)
+        s[:, 0] = np.inf
+        cand = rng.random((rows, n)) < rng.uniform(0.3, 1.0)
+        cand[:, 0] = True
+        k = int(rng.integers(1, cand.sum(axis=1).min() + 1))
+        got = diffusion._top_sets(s, cand, k)
+        for i in range(rows):
+            cols = np.flatnonzero(cand[i])
+            want = np.sort(cols[np.lexsort((cols, -s[i, cols]))[:k]])  # by value, then column
+            np.testing.assert_array_equal(got[i], want)
