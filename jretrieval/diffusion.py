@@ -82,7 +82,16 @@ from jax.typing import ArrayLike
 
 from jretrieval import native, progress, search
 
-__all__ = ["MODES", "SOLVERS", "Offline", "fingerprint", "offline", "online_rank", "rank"]
+__all__ = [
+    "MODES",
+    "SOLVERS",
+    "Offline",
+    "fingerprint",
+    "offline",
+    "online_rank",
+    "rank",
+    "use_native",
+]
 
 MODES = ("joint", "online")
 SOLVERS = ("auto", "native", "xla")
