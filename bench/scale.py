@@ -229,7 +229,8 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(diffusion.offline(db, truncation=TRUNCATION, kd=KD).values)
         return {"seconds": time.perf_counter() - t, "parts": {"total": time.perf_counter() - t}}
-    threads = native.threads() if diffusion.use_native("auto", "cpu") else 0
+    use_native = impl == "sharded" and diffusion.use_native("auto", "cpu")
+    threads = native.threads() if use_native else 0  # sharded.offline's own choice on CPU
     if impl == "sharded" and n <= FULL_SOLVES:  # sharded.offline's two stages, timed apart
         t = time.perf_counter()
         shards = sharded.shard_rows(db, mesh)
