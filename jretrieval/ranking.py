@@ -157,6 +157,12 @@ def params_from_config(cfg: Any) -> RankingParams:
         value = getattr(params, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"ranking.{name}={value!r}; expected a non-negative integer")
+    # Checked here, before any extraction, rather than when the first diffusion column runs.
+    for name, choices in (("mode", diffusion.MODES), ("solver", diffusion.SOLVERS)):
+        if params.diffusion[name] not in choices:
+            raise ValueError(
+                f"diffusion.{name}={params.diffusion[name]!r}; expected one of {choices}"
+            )
     return params
 
 

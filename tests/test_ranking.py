@@ -182,3 +182,10 @@ def test_bad_config_values_raise():
         ranking.rank_columns(q, db, cfg, ["G+DFS"])
     with pytest.raises(ValueError, match="diffusion"):
         ranking.rank_columns(q, db, {"ranking": {}}, ["G"])
+
+
+@pytest.mark.parametrize(("key", "value"), [("mode", "both"), ("solver", "scipy")])
+def test_bad_diffusion_choice_is_refused_before_any_work(key, value):
+    cfg = {"ranking": {}, "diffusion": {key: value}}
+    with pytest.raises(ValueError, match=rf"diffusion.{key}='{value}'; expected one of"):
+        ranking.params_from_config(cfg)
