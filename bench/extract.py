@@ -5,6 +5,7 @@ Run from the repo root, preferably when the machine is otherwise idle (``uptime`
     python -m bench.extract                       # main: about 10 min on 2 cores
     python -m bench.extract --parts=variants      # XLA CPU compiler options, about 5 min
     python -m bench.extract --parts=demo          # mAP float32 vs bfloat16 on the demo set
+    python -m bench.extract --parts=accuracy      # the same, end to end through the runner
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
 inside its jitted step exactly as extraction does (``jretrieval.extract.make_step``: ``/255``,
@@ -28,8 +29,10 @@ Each figure is the batch size over the median (and, "best", the minimum) of ``--
 rounds; the first two calls of each configuration (compilation, oneDNN primitive creation) are
 excluded. The load average before and after is recorded. ``--parts=variants`` compares XLA CPU
 compiler options (``XLA_VARIANTS``) the same way; ``--parts=demo`` measures mAP on the offline
-demo set (``demo_accuracy``). Results are printed and written to ``docs/bench_extract.md``
-between per-part markers (the hand-written notes around them are kept).
+demo set (``demo_accuracy``); ``--parts=accuracy`` runs that demo through the experiment runner
+with ``extraction.dtype`` float32 and bfloat16 and checks ``ACCURACY_TARGET`` (``demo_dtypes``).
+Results are printed and written to ``docs/bench_extract.md`` between per-part markers (the
+hand-written notes around them are kept).
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ XLA_VARIANTS: dict[str, dict[str, Any]] = {
     "xla_cpu_enable_fast_math=true": {"xla_cpu_enable_fast_math": True},
     "xla_cpu_use_onednn=true": {"xla_cpu_use_onednn": True},
 }
+#: ``--parts=accuracy``'s target: every figure with bfloat16 within this many points of float32.
+ACCURACY_TARGET = 0.3
 
 
 def cores() -> int:
@@ -340,6 +345,65 @@ def demo_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def demo_dtypes(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> list[dict]:
+    """The offline demo (``configs/demo.py``) run by ``experiment.run``, the runner of
+    ``python -m jretrieval.main``, once per ``extraction.dtype``, each in a fresh temporary
+    workdir (BN statistics, descriptor stores and report; only the built image set, an input, is
+    shared). Returns per dtype its figures ``{"<column> <metric>": percent}``, its raw
+    descriptors (database and queries, L2-normalised) and its wall time."""
+    import tempfile
+
+    from configs import demo
+    from jretrieval import experiment, store
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+        for dtype in dtypes:
+            config = demo.get_config()
+            config.workdir = os.path.join(tmp, dtype)
+            config.data.root = os.path.join(tmp, "data")
+            config.extraction.dtype = dtype
+            start = time.perf_counter()
+            results = experiment.run(config)
+            seconds = time.perf_counter() - start
+            (model,) = results["models"]
+            figures = {
+                f"{col} {metric}": vals[metric]
+                for col, vals in results["models"][model].items()
+                for metric in results["metrics"]
+            }
+            desc = np.concatenate(
+                [store.read_store(path)[0] for path in results["stores"][model].values()]
+            ).astype(np.float64)
+            desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+            rows.append({"dtype": dtype, "figures": figures, "desc": desc, "seconds": seconds})
+            print(f"  demo {dtype} ({seconds:.0f}s): {figures}", flush=True)
+    return rows
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    base, other = rows
+    deltas = {k: other["figures"][k] - v for k, v in base["figures"].items()}
+    worst = max(abs(d) for d in deltas.values())
+    lines = [
+        f"| figure (%) | {base['dtype']} | {other['dtype']} | difference (points) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for k, v in base["figures"].items():
+        lines.append(f"| {k} | {v:.2f} | {other['figures'][k]:.2f} | {deltas[k]:+.2f} |")
+    held = "holds" if worst <= ACCURACY_TARGET else "is NOT met"
+    lines += [
+        "",
+        f"Worst |difference| {worst:.2f} points: the target (every figure within "
+        f"{ACCURACY_TARGET} points of {base['dtype']}) {held}. Max |difference| of the "
+        f"L2-normalised raw descriptors ({len(base['desc'])} database + query images): "
+        f"{np.abs(other['desc'] - base['desc']).max():.2e}. Wall time per run: "
+        + ", ".join(f"{r['dtype']} {r['seconds']:.0f} s" for r in rows)
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Adds ``ratio``: images/s over the fastest PyTorch float32 row (any layout or thread
     count) at the same batch size."""
@@ -434,14 +498,17 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="main",
-        help="comma-separated: main (the comparison), variants (XLA options), demo (mAP)",
+        help="comma-separated: main (the comparison), variants (XLA options), demo (mAP), "
+        "accuracy (bfloat16 vs float32 through the runner)",
     )
     parser.add_argument("--demo-workdir", default="runs/bench_extract")
     parser.add_argument("--out", default=DOC, help="results file (markdown); '' to skip")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"main", "variants", "demo"}:
-        raise ValueError(f"--parts={args.parts!r}; expected a subset of main,variants,demo")
+    if not parts <= {"main", "variants", "demo", "accuracy"}:
+        raise ValueError(
+            f"--parts={args.parts!r}; expected a subset of main,variants,demo,accuracy"
+        )
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     import torch
 
@@ -463,6 +530,11 @@ def main() -> None:
         rows = demo_accuracy(args.demo_workdir)
         sections.append(("demo", rows, load_before, os.getloadavg()))
         print(demo_table(rows))
+    if "accuracy" in parts:
+        load_before = os.getloadavg()
+        rows = demo_dtypes()
+        sections.append(("accuracy", rows, load_before, os.getloadavg()))
+        print(accuracy_table(rows))
     print(json.dumps(env))
     if args.out:
         write_doc(args.out, render(env, sections, args))
@@ -475,6 +547,10 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
         "main": ("jretrieval vs PyTorch", table),
         "variants": ("XLA CPU compiler options", variants_table),
         "demo": ("mAP (%) on the demo set, float32 vs bfloat16", demo_table),
+        "accuracy": (
+            "`--config.extraction.dtype=bfloat16` on the demo set, end to end",
+            accuracy_table,
+        ),
     }
     out = {}
     for name, rows, before, after in sections:
