@@ -86,7 +86,7 @@ def build(case: str, path: str) -> int:
     """Saves a random model of ``case`` in its published layout; returns the file size."""
     import torch
 
-    from tests import torch_reference as tr
+    from references import torch_resnet as tr
 
     torch.manual_seed(0)
     model = tr.ResNet(**CASES[case], simclr_order=case.startswith("simclr"))

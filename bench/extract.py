@@ -19,7 +19,7 @@ round, the order rotated each round) so that load from other processes hits all 
 - ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as a trained one) in
   float32 and in bfloat16 (``Encoder.with_dtype("bfloat16")``: convs in bfloat16, parameters
   and BN statistics float32, R-MAC in float32), one jitted call per batch; XLA uses all cores.
-- ``pytorch``: ``tests.torch_reference.torch_resnet(50)`` (torchvision layout), ``eval()``,
+- ``pytorch``: ``references.torch_resnet.torch_resnet(50)`` (torchvision layout), ``eval()``,
   ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``, default contiguous NCHW and
   ``channels_last``, float32 and bfloat16 (module and input cast with ``.to``); plus float32
   on one thread, because OpenMP's barriers stall when other processes hold a core. The ratio
@@ -123,7 +123,7 @@ def torch_step(
     argument of the returned function is ignored)."""
     import torch
 
-    from tests.torch_reference import torch_resnet
+    from references.torch_resnet import torch_resnet
 
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = copy.deepcopy(torch_resnet(50, seed=0)).eval().to(tdtype)

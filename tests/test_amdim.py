@@ -1,7 +1,7 @@
 """AMDIM: the Flax encoder against a PyTorch re-implementation, through the converter.
 
-The reference is ``tests/torch_amdim.py`` (amdim-public's class names and key layout), built at a
-small width (ndf 8, n_rkhs 64, n_depth 2: 130 keys like the original at that size), BN
+The reference is ``references/torch_amdim.py`` (amdim-public's class names and key layout),
+built at a small width (ndf 8, n_rkhs 64, n_depth 2: 130 keys like the original at that size), BN
 statistics and affine parameters randomised, saved the way ``checkpoint.py`` saves and read
 back with ``torch.load(weights_only=True)``. Maps are compared as max |flax - torch| / max |torch|
 < 1e-4 (float32 through ~20 convolutions), at odd (129) and even (160) input sizes, in inference
@@ -23,7 +23,7 @@ from torch import nn
 
 from jretrieval import models
 from jretrieval.models.amdim import MIN_INPUT_SIZE, AMDIMEncoder, layer_sizes
-from tests import torch_amdim
+from references import torch_amdim
 from weight_conversion import amdim as convert_amdim
 from weight_conversion.__main__ import main as cli_main
 

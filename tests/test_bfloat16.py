@@ -3,7 +3,7 @@
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC); maps ``[B, h, w, C]``; descriptors
 ``[B, C]``.
 
-Reference: a random torchvision-layout ResNet-50 (``tests.torch_reference``, randomised BN
+Reference: a random torchvision-layout ResNet-50 (``references.torch_resnet``, randomised BN
 statistics) run by PyTorch in float64 on the same normalised input, converted with
 ``weight_conversion`` and run by jretrieval in float32 and bfloat16.
 
@@ -33,7 +33,7 @@ import torch
 from jretrieval import models
 from jretrieval.extract import make_step
 from jretrieval.pooling import rmac_regions
-from tests import torch_reference as tr
+from references import torch_resnet as tr
 from weight_conversion import resnet as resnet_conversion
 
 SIZE = 224  # 7x7 layer4 map: R-MAC has 3 levels of regions
@@ -172,7 +172,7 @@ def test_config_switch_through_the_experiment(tmp_path, monkeypatch):
     """``--config.extraction.dtype=bfloat16`` reaches extraction: its own descriptor stores,
     descriptors close to float32's; a misspelt dtype fails before any work."""
     from jretrieval import experiment
-    from tests.test_experiment import make_config, make_dataset
+    from tests.helpers import make_config, make_dataset
 
     monkeypatch.setitem(models.ARCHITECTURES, "tiny16", TinyNet)
     make_dataset(str(tmp_path / "data"), "oxford5k", revisited=False)

@@ -3,7 +3,7 @@ the Flax map equals the PyTorch map.
 
 Shape convention: torch inputs NCHW, Flax inputs NHWC; maps compared in NHWC.
 
-References are the random PyTorch modules of ``tests.torch_reference`` run in float64, so the
+References are the random PyTorch modules of ``references.torch_resnet`` run in float64, so the
 measured error is the Flax float32 error alone. Tolerance: max |flax - torch| / max |torch| below
 1e-4 (STYLE.md: ~1e-4 for a whole network). Inference mode is checked on 33 px (odd: every
 stride-2 op sees an odd size) and 32 px (even: every stride-2 op sees an even size, where 'SAME'
@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from jretrieval import models
-from tests import torch_reference as tr
+from references import torch_resnet as tr
 from weight_conversion.__main__ import main
 from weight_conversion.checkpoint import PCAStub, RestrictedUnpickler
 from weight_conversion.detect import detect

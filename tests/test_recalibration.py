@@ -323,7 +323,7 @@ def test_resnet50_pytorch_mode_equals_torch_train():
     from flax import traverse_util
 
     from jretrieval.models import build
-    from tests.torch_reference import torch_resnet
+    from references.torch_resnet import torch_resnet
     from weight_conversion.resnet import convert_torchvision
 
     net = torch_resnet(50, seed=4)
