@@ -44,7 +44,6 @@ on the earlier layers' *batch* statistics, so the batches themselves must be the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -53,12 +52,27 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jretrieval import extract as extract_lib
+from jretrieval import mesh as mesh_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import images as images_lib
+from jretrieval.mesh import (  # re-exported until callers import jretrieval.mesh
+    DATA_AXIS,
+    allgather_rows,
+    initialize,
+    is_main_process,
+    local_mesh,
+    make_mesh,
+    mesh_size,
+    process_slice,
+    replicate,
+    shard_batch,
+    sync,
+    to_host,
+)
 
 __all__ = [
     "DATA_AXIS",
@@ -79,141 +93,6 @@ __all__ = [
     "to_host",
 ]
 
-DATA_AXIS = "data"
-#: rows per all-gather round when collecting descriptors from all processes.
-GATHER_ROWS = 1 << 16
-
-
-# ----------------------------------------------------------------------------- mesh, processes
-
-
-def initialize(
-    multihost: bool = False,
-    *,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    cpu_collectives: str | None = "gloo",
-    initialization_timeout: int = 300,
-) -> None:
-    """Starts JAX's multi-process runtime when ``multihost`` (``config.distributed.multihost``).
-
-    Must run before any other JAX call touches a device. Idempotent; a no-op unless
-    ``multihost``. ``cpu_collectives`` selects the CPU cross-process collectives (``"gloo"``;
-    ``None`` keeps JAX's default) so CPU-only clusters and tests can all-gather.
-    """
-    if not multihost:
-        return
-    if jax.distributed.is_initialized():
-        return
-    if cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=initialization_timeout,
-    )
-    logging.info(
-        "jax.distributed: process %d of %d, %d local / %d global devices",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-    )
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None, *, axis_name: str = DATA_AXIS) -> Mesh:
-    """The 1-D mesh over ``devices`` (default: every device of every process)."""
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("make_mesh: got an empty device list")
-    return Mesh(np.asarray(devices, dtype=object), (axis_name,))
-
-
-def local_mesh(mesh: Mesh | None = None) -> Mesh:
-    """The mesh of this process's devices of ``mesh`` (default: all local devices)."""
-    if mesh is None:
-        return make_mesh(jax.local_devices())
-    mine = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    return make_mesh(mine, axis_name=mesh.axis_names[0])
-
-
-def mesh_size(mesh: Mesh | None) -> int:
-    """Number of devices of ``mesh`` (1 for ``None``)."""
-    return 1 if mesh is None else int(mesh.devices.size)
-
-
-def process_slice(
-    n: int, *, process_index: int | None = None, process_count: int | None = None
-) -> slice:
-    """The contiguous rows ``[lo, hi)`` of ``n`` items process ``p`` of ``P`` handles.
-
-    Blocks of ``ceil(n / P)``; the last processes may get fewer (or none).
-    """
-    p = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= p < count:
-        raise ValueError(f"process_index={p} out of range for process_count={count}")
-    per = -(-n // count) if n else 0
-    return slice(min(n, p * per), min(n, (p + 1) * per))
-
-
-def _is_local(mesh: Mesh) -> bool:
-    return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
-
-
-def _axis(mesh: Mesh) -> str:
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names} {mesh.devices.shape}")
-    return mesh.axis_names[0]
-
-
-def shard_batch(x: np.ndarray | jax.Array, mesh: Mesh) -> jax.Array:
-    """Places ``x`` ``[B, ...]`` with its first axis split over the mesh.
-
-    ``B`` must be a multiple of the number of devices the mesh has in this process; with several
-    processes ``x`` holds this process's rows and the global batch is their concatenation.
-    """
-    sharding = NamedSharding(mesh, P(_axis(mesh)))
-    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    if x.shape[0] % max(local, 1):
-        raise ValueError(
-            f"batch of shape {tuple(x.shape)}: size {x.shape[0]} is not a multiple of the "
-            f"{local} local devices of the mesh; pad it (extract.padded_batch_size)"
-        )
-    if _is_local(mesh):
-        return jax.device_put(x, sharding)
-    return multihost_utils.host_local_array_to_global_array(x, mesh, P(_axis(mesh)))
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every leaf of ``tree`` replicated on every device of ``mesh``."""
-    if not _is_local(mesh):
-        return multihost_utils.host_local_array_to_global_array(
-            jax.tree.map(np.asarray, tree), mesh, P()
-        )
-    sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda leaf: jax.device_put(leaf, sharding), tree)
-
-
-def sync(name: str) -> None:
-    """A barrier across processes (a no-op on one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
-def is_main_process() -> bool:
-    """Whether this process writes shared outputs (process 0)."""
-    return jax.process_index() == 0
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A (possibly multi-process) global array as one NumPy array on this host."""
-    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
 
 # ----------------------------------------------------------------------------- data parallel
 
@@ -225,7 +104,7 @@ def make_step(encoder: Any, mesh: Mesh | None = None, **kwargs: Any) -> Callable
     The variables are replicated once here; each call shards the batch along ``B``. With
     ``mesh=None`` (or one device) this is ``extract.make_step`` itself.
     """
-    if mesh_size(mesh) == 1 and (mesh is None or _is_local(mesh)):
+    if mesh_size(mesh) == 1 and (mesh is None or mesh_lib.is_local(mesh)):
         return extract_lib.make_step(encoder, **kwargs)
     encoder = _with_variables(encoder, replicate(encoder.variables, mesh))
     step = extract_lib.make_step(encoder, **kwargs)
@@ -269,7 +148,7 @@ def recalibrate_bn(
     use ``recalibrate_images``, which gives every process its rows of each global batch. Other
     keyword arguments go to ``extract.recalibrate_bn``.
     """
-    if mesh is None or (mesh_size(mesh) == 1 and _is_local(mesh)):
+    if mesh is None or (mesh_size(mesh) == 1 and mesh_lib.is_local(mesh)):
         return extract_lib.recalibrate_bn(encoder, batches, mode=mode, **kwargs)
     if jax.process_count() > 1:
         raise ValueError(
@@ -298,7 +177,7 @@ def _global_batches(
     paths: Sequence[str], plan: Sequence[tuple[Any, np.ndarray]], mesh: Mesh, **kwargs: Any
 ) -> Iterator[images_lib.Batch]:
     """The planned batches as global arrays: each process decodes only its rows."""
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     bounds = [_process_rows(len(idx), mesh) for _, idx in plan]
     local_plan = [(shape, idx[lo:hi]) for (shape, idx), (lo, hi) in zip(plan, bounds, strict=True)]
     local = images_lib.iterate_batches(paths, plan=local_plan, batch_size=1, **kwargs)
@@ -314,7 +193,7 @@ def _global_batches(
         # batch (gathered) and the devices compute it replicated, as on one process.
         indices = allgather_rows(np.asarray(batch.indices, np.int64))
         images = allgather_rows(np.asarray(batch.images))
-        failed = [tuple(f) for part in _allgather_json([list(f) for f in batch.failed])
+        failed = [tuple(f) for part in mesh_lib.allgather_json([list(f) for f in batch.failed])
                   for f in part]  # fmt: skip
         order = np.argsort(indices, kind="stable")
         indices, images = indices[order], images[order]
@@ -369,39 +248,6 @@ def recalibrate_images(
 
 
 # ------------------------------------------------------------------------- multi-host extraction
-
-
-def allgather_rows(rows: np.ndarray, *, block: int = GATHER_ROWS) -> np.ndarray:
-    """Concatenates every process's ``[n_p, ...]`` rows in process order -> ``[sum n_p, ...]``.
-
-    Collective: every process calls it. Rows travel in rounds of ``block`` rows per process.
-    """
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int32)))
-    sizes = sizes.reshape(-1)
-    longest = int(sizes.max())
-    if longest == 0:
-        return rows[:0]
-    parts: list[list[np.ndarray]] = [[] for _ in sizes]
-    for start in range(0, longest, block):
-        stop = min(start + block, longest)
-        chunk = np.zeros((stop - start, *rows.shape[1:]), rows.dtype)
-        mine = rows[start:stop]
-        chunk[: len(mine)] = mine
-        got = np.asarray(multihost_utils.process_allgather(chunk))
-        for p, size in enumerate(sizes):
-            parts[p].append(got[p, : max(0, min(stop, size) - start)])
-    return np.concatenate([np.concatenate(p) for p in parts], axis=0)
-
-
-def _allgather_json(obj: Any) -> list[Any]:
-    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    joined = allgather_rows(data)
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32)))
-    out, start = [], 0
-    for size in sizes.reshape(-1):
-        out.append(json.loads(joined[start : start + size].tobytes().decode()))
-        start += size
-    return out
 
 
 def extract(
@@ -481,7 +327,7 @@ def _extract_multihost(
         rows = np.zeros((len(rows), dim), np.float32)
     all_rows = allgather_rows(np.asarray(rows, np.float32))
     all_kept = allgather_rows(kept)
-    all_skipped = [tuple(s) for part_s in _allgather_json(skipped) for s in part_s]
+    all_skipped = [tuple(s) for part_s in mesh_lib.allgather_json(skipped) for s in part_s]
     report = {
         "store": store,
         "reused": False,
@@ -531,8 +377,8 @@ def _write_store(
     os.makedirs(os.path.dirname(os.path.abspath(store)), exist_ok=True)
     f = store_lib.create_partial(store, ids=ids, dim=rows.shape[1], settings=settings)
     try:
-        for start in range(0, max(len(kept), 1), GATHER_ROWS):
-            sel = slice(start, start + GATHER_ROWS)
+        for start in range(0, max(len(kept), 1), mesh_lib.GATHER_ROWS):
+            sel = slice(start, start + mesh_lib.GATHER_ROWS)
             store_lib.mark_batch(f, kept[sel], rows[sel], failed if start == 0 else ())
         store_lib.finalize(f, store)
     finally:

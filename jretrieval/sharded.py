@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jretrieval import diffusion, native, search
-from jretrieval.distributed import replicate, to_host
+from jretrieval.mesh import replicate, to_host
 from jretrieval.whitening import l2_normalize
 
 __all__ = [
