@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 __all__ = [
     "DATA_AXIS",
+    "Sharded",
+    "axis_name",
     "allgather_json",
     "allgather_rows",
     "initialize",
@@ -35,6 +39,10 @@ __all__ = [
     "mesh_size",
     "process_slice",
     "replicate",
+    "ring_perm",
+    "shard_batch",
+    "shard_map",
+    "shard_rows",
     "shard_batch",
     "sync",
     "to_host",
@@ -207,3 +215,65 @@ def allgather_json(obj: Any) -> list[Any]:
         out.append(json.loads(joined[start : start + size].tobytes().decode()))
         start += size
     return out
+
+
+# ----------------------------------------------------------------------------- rows over a mesh
+
+
+class Sharded(NamedTuple):
+    """Rows split over a 1-D mesh: ``array`` ``[n_dev * s, ...]`` (padding last), ``n`` valid."""
+
+    array: jax.Array
+    n: int
+
+    def unpad(self) -> jax.Array:
+        """The ``[n, ...]`` valid rows (resharded by XLA; may gather)."""
+        return self.array[: self.n]
+
+    def to_numpy(self) -> np.ndarray:
+        """The ``[n, ...]`` valid rows on this host (all processes' rows)."""
+        return to_host(self.array)[: self.n]
+
+
+def shard_rows(x: ArrayLike | Sharded, mesh: Mesh) -> Sharded:
+    """``x`` ``[N, ...]`` padded to a multiple of the mesh size and split by rows over it.
+
+    With several processes ``x`` must be the full array on every process (each keeps only the
+    rows of its devices).
+    """
+    if isinstance(x, Sharded):
+        want = NamedSharding(mesh, P(axis_name(mesh)))
+        if x.array.sharding.is_equivalent_to(want, x.array.ndim):
+            return x
+        x = x.unpad()
+    size = mesh.devices.size
+    n = int(np.shape(x)[0])
+    rows = -(-max(n, 1) // size) * size
+    sharding = NamedSharding(mesh, P(axis_name(mesh)))
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        padded = jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))
+        return Sharded(jax.device_put(padded, sharding), n)
+    host = np.asarray(x)
+    if rows == n and jax.process_count() == 1:  # nothing to pad: one transfer, no copy here
+        return Sharded(jax.device_put(host, sharding), n)
+    shape = (rows, *host.shape[1:])
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        lo, hi, _ = index[0].indices(rows)
+        out = np.zeros((hi - lo, *host.shape[1:]), host.dtype)
+        out[: max(0, min(hi, n) - lo)] = host[lo:hi]
+        return out
+
+    return Sharded(jax.make_array_from_callback(shape, sharding, block), n)
+
+
+def shard_map(mesh: Mesh, fn, in_specs, out_specs):
+    """``jax.shard_map`` over ``mesh`` with the varying-axes check off (see the comment)."""
+    # check_vma=False: the merged top-k after an all_gather is replicated, which the varying-
+    # manual-axes check cannot infer (all_gather outputs count as device-varying).
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def ring_perm(size: int) -> list[tuple[int, int]]:
+    """``lax.ppermute`` pairs that pass each shard to the previous device around the ring."""
+    return [(j, (j - 1) % size) for j in range(size)]  # after t steps device d holds d + t

@@ -45,7 +45,7 @@ two BLAS libraries. On tie-free data, and for exact ties (duplicates), the resul
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,8 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jretrieval import diffusion, native, search
-from jretrieval.mesh import replicate, to_host
+from jretrieval import mesh as mesh_lib
+from jretrieval.mesh import Sharded, replicate, shard_rows, to_host
 from jretrieval.whitening import l2_normalize
 
 __all__ = [
@@ -72,59 +73,6 @@ __all__ = [
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
-
-
-class Sharded(NamedTuple):
-    """Rows split over a 1-D mesh: ``array`` ``[n_dev * s, ...]`` (padding last), ``n`` valid."""
-
-    array: jax.Array
-    n: int
-
-    def unpad(self) -> jax.Array:
-        """The ``[n, ...]`` valid rows (resharded by XLA; may gather)."""
-        return self.array[: self.n]
-
-    def to_numpy(self) -> np.ndarray:
-        """The ``[n, ...]`` valid rows on this host (all processes' rows)."""
-        return to_host(self.array)[: self.n]
-
-
-def _axis(mesh: Mesh) -> str:
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"expected a 1-D mesh, got axes {mesh.axis_names} {mesh.devices.shape}")
-    return mesh.axis_names[0]
-
-
-def shard_rows(x: ArrayLike | Sharded, mesh: Mesh) -> Sharded:
-    """``x`` ``[N, ...]`` padded to a multiple of the mesh size and split by rows over it.
-
-    With several processes ``x`` must be the full array on every process (each keeps only the
-    rows of its devices).
-    """
-    if isinstance(x, Sharded):
-        want = NamedSharding(mesh, P(_axis(mesh)))
-        if x.array.sharding.is_equivalent_to(want, x.array.ndim):
-            return x
-        x = x.unpad()
-    size = mesh.devices.size
-    n = int(np.shape(x)[0])
-    rows = -(-max(n, 1) // size) * size
-    sharding = NamedSharding(mesh, P(_axis(mesh)))
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-        padded = jnp.pad(x, ((0, rows - n),) + ((0, 0),) * (x.ndim - 1))
-        return Sharded(jax.device_put(padded, sharding), n)
-    host = np.asarray(x)
-    if rows == n and jax.process_count() == 1:  # nothing to pad: one transfer, no copy here
-        return Sharded(jax.device_put(host, sharding), n)
-    shape = (rows, *host.shape[1:])
-
-    def block(index: tuple[slice, ...]) -> np.ndarray:
-        lo, hi, _ = index[0].indices(rows)
-        out = np.zeros((hi - lo, *host.shape[1:]), host.dtype)
-        out[: max(0, min(hi, n) - lo)] = host[lo:hi]
-        return out
-
-    return Sharded(jax.make_array_from_callback(shape, sharding, block), n)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -207,15 +155,9 @@ def _lexi_merge(s1, i1, s2, i2, k):
     return -neg[:, :k], idx[:, :k]
 
 
-def _smap(mesh: Mesh, fn, in_specs, out_specs):
-    # check_vma=False: the merged top-k after an all_gather is replicated, which the varying-
-    # manual-axes check cannot infer (all_gather outputs count as device-varying).
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "n", "block_size"))
 def _topk_impl(queries, db, *, mesh, k, n, block_size):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     q = queries.astype(jnp.float32)
 
     def body(q, x):
@@ -231,18 +173,14 @@ def _topk_impl(queries, db, *, mesh, k, n, block_size):
         top, pos = lax.top_k(s_all, k)  # stable: lower position (= lower index) first on ties
         return top, jnp.take_along_axis(i_all, pos, axis=1)
 
-    return _smap(mesh, body, (P(), P(axis)), (P(), P()))(q, db)
-
-
-def _ring_perm(size: int) -> list[tuple[int, int]]:
-    return [(j, (j - 1) % size) for j in range(size)]  # after t steps device d holds d + t
+    return mesh_lib.shard_map(mesh, body, (P(), P(axis)), (P(), P()))(q, db)
 
 
 @functools.partial(
     jax.jit, static_argnames=("mesh", "k", "n", "block_size", "query_block", "self_first")
 )
 def _knn_impl(db, *, mesh, k, n, block_size, query_block, self_first):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
 
     def body(x):
@@ -271,12 +209,12 @@ def _knn_impl(db, *, mesh, k, n, block_size, query_block, self_first):
 
         def step(carry, t):
             state, blk = carry
-            blk = lax.ppermute(blk, axis, _ring_perm(size))
+            blk = lax.ppermute(blk, axis, mesh_lib.ring_perm(size))
             return (merge(state, blk, (d + t) % size, False), blk), None
 
         return lax.scan(step, (state, x), jnp.arange(1, size))[0][0]
 
-    return _smap(mesh, body, P(axis), (P(axis), P(axis)))(db)
+    return mesh_lib.shard_map(mesh, body, P(axis), (P(axis), P(axis)))(db)
 
 
 def _ring_gather_sum(x, idx, w, *, axis, size, chunk):
@@ -301,7 +239,7 @@ def _ring_gather_sum(x, idx, w, *, axis, size, chunk):
 
     def step(carry, t):
         acc, blk = carry
-        blk = lax.ppermute(blk, axis, _ring_perm(size))
+        blk = lax.ppermute(blk, axis, mesh_lib.ring_perm(size))
         return (add(acc, blk, (d + t) % size), blk), None
 
     return lax.scan(step, (acc, x), jnp.arange(1, size))[0][0]
@@ -309,7 +247,7 @@ def _ring_gather_sum(x, idx, w, *, axis, size, chunk):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "n", "block_size"))
 def _aqe_impl(queries, db, alpha, *, mesh, k, n, block_size):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     q = queries.astype(jnp.float32)
     scores, idx = _topk_impl(q, db, mesh=mesh, k=k, n=n, block_size=block_size)
     w = jnp.power(jnp.maximum(scores, 0.0), alpha)
@@ -323,14 +261,14 @@ def _aqe_impl(queries, db, alpha, *, mesh, k, n, block_size):
         part = jnp.sum(jnp.where(own, w, 0.0)[..., None] * nb, axis=1)
         return l2_normalize(q + lax.psum(part, axis))
 
-    return _smap(mesh, body, (P(), P(axis), P(), P()), P())(q, db, idx, w)
+    return mesh_lib.shard_map(mesh, body, (P(), P(axis), P(), P()), P())(q, db, idx, w)
 
 
 @functools.partial(
     jax.jit, static_argnames=("mesh", "k", "n", "block_size", "query_block")
 )  # fmt: skip
 def _dba_impl(db, alpha, *, mesh, k, n, block_size, query_block):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
     scores, idx = _knn_impl(
         db, mesh=mesh, k=k + 1, n=n, block_size=block_size, query_block=query_block,
@@ -346,7 +284,9 @@ def _dba_impl(db, alpha, *, mesh, k, n, block_size, query_block):
         total = _ring_gather_sum(x, idx, w, axis=axis, size=size, chunk=query_block)
         return l2_normalize(x + total)
 
-    return _smap(mesh, body, (P(axis), P(axis), P(axis), P()), P(axis))(db, scores, idx, alpha)
+    return mesh_lib.shard_map(mesh, body, (P(axis), P(axis), P(axis), P()), P(axis))(
+        db, scores, idx, alpha
+    )
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -419,7 +359,7 @@ def _over_node_chunks(fn, t_ids, m_all, chunk, out_init):
 def _graph_impl(db, *, mesh, n, truncation, kd, gamma, alpha, block_size, query_block):
     """Truncation sets ``[M, T]`` (``diffusion.Offline`` layout), kd-lists ``[M, kd]`` and
     ``alpha S`` on them ``[M, kd]`` (mutual kNN affinity, symmetric normalisation), sharded."""
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
     top_s, top_i = _knn_impl(
         db, mesh=mesh, k=truncation, n=n, block_size=block_size, query_block=query_block,
@@ -459,7 +399,7 @@ def _graph_impl(db, *, mesh, n, truncation, kd, gamma, alpha, block_size, query_
 
             def step(carry, t):
                 mut, blk = carry
-                blk = lax.ppermute(blk, axis, _ring_perm(size))
+                blk = lax.ppermute(blk, axis, mesh_lib.ring_perm(size))
                 return (check(mut, blk, (d + t) % size), blk), None
 
             mutual = lax.scan(step, (mutual, ids_kd), jnp.arange(1, size))[0][0]
@@ -471,7 +411,7 @@ def _graph_impl(db, *, mesh, n, truncation, kd, gamma, alpha, block_size, query_
         return ids, ids_kd, jnp.where(valid[:, None], a_s, 0.0)
 
     specs = (P(axis), P(axis), P(axis))
-    return _smap(mesh, body, specs, specs)(db, top_s, top_i)
+    return mesh_lib.shard_map(mesh, body, specs, specs)(db, top_s, top_i)
 
 
 def _solve_body(axis, n, fn, out_shape):
@@ -495,7 +435,7 @@ def _solve_body(axis, n, fn, out_shape):
 def _solve_impl(ids, ids_kd, a_s, *, mesh, n, node_chunk, max_iter, tol, threads):
     """The offline values ``[M, T]``: each device solves its own nodes, chunk by chunk, or all
     at once with the native CPU kernel on ``threads`` threads (``threads > 0``)."""
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     t = ids.shape[1]
 
     def fn(t_ids, kd_all, as_all, out):
@@ -508,7 +448,9 @@ def _solve_impl(ids, ids_kd, a_s, *, mesh, n, node_chunk, max_iter, tol, threads
 
         return _over_node_chunks(solve, t_ids, kd_all.shape[0], node_chunk, out)
 
-    return _smap(mesh, _solve_body(axis, n, fn, (t,)), (P(axis),) * 3, P(axis))(ids, ids_kd, a_s)
+    return mesh_lib.shard_map(mesh, _solve_body(axis, n, fn, (t,)), (P(axis),) * 3, P(axis))(
+        ids, ids_kd, a_s
+    )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -731,7 +673,7 @@ def offline(
 @functools.partial(jax.jit, static_argnames=("mesh", "num_queries", "chunk"))
 def _joint_scores_impl(ids, vals, *, mesh, num_queries, chunk):
     """Cosine of L2-normalised offline rows, queries (rows ``< Q``) vs database rows."""
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
 
     def body(ids, vals):
         s, t = ids.shape
@@ -755,12 +697,12 @@ def _joint_scores_impl(ids, vals, *, mesh, num_queries, chunk):
         out = jnp.zeros((s, num_queries), jnp.float32)
         return _row_chunks(update, (out,), s, chunk)[0]
 
-    return _smap(mesh, body, (P(axis), P(axis)), P(axis))(ids, vals)
+    return mesh_lib.shard_map(mesh, body, (P(axis), P(axis)), P(axis))(ids, vals)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n"))
 def _online_scores_impl(nn_s, nn_i, ids, vals, gamma, *, mesh, n):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
 
     def body(nn_s, nn_i, ids, vals):
         s = ids.shape[0]
@@ -775,7 +717,7 @@ def _online_scores_impl(nn_s, nn_i, ids, vals, gamma, *, mesh, n):
         part = part.at[rows, ids[li]].add(contrib)
         return lax.psum(part, axis)[:, :n]
 
-    return _smap(mesh, body, (P(), P(), P(axis), P(axis)), P())(nn_s, nn_i, ids, vals)
+    return mesh_lib.shard_map(mesh, body, (P(), P(), P(axis), P(axis)), P())(nn_s, nn_i, ids, vals)
 
 
 def _order_fn(scores: jax.Array, sims: jax.Array) -> jax.Array:
@@ -794,9 +736,9 @@ def _order(mesh: Mesh):
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
 def _sims_impl(q, db, *, mesh):
-    axis = _axis(mesh)
+    axis = mesh_lib.axis_name(mesh)
     body = lambda q, x: jnp.matmul(q, x.astype(jnp.float32).T, precision=_HIGHEST)
-    return _smap(mesh, body, (P(), P(axis)), P(None, axis))(q, db)
+    return mesh_lib.shard_map(mesh, body, (P(), P(axis)), P(None, axis))(q, db)
 
 
 def diffusion_rank(
