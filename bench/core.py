@@ -27,61 +27,21 @@ import argparse
 import math
 import os
 import platform
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.harness import timed_pair
 from jretrieval import expansion, pooling, search, whitening
 
 try:
     from jretrieval import metrics
 except ImportError:  # another helper's module; the stage is skipped without it
     metrics = None
-
-
-def _block(x):
-    return jax.block_until_ready(x) if isinstance(x, jax.Array | tuple) else x
-
-
-#: pause before every timed call, so that the worker threads of the library timed just
-#: before (OpenMP/MKL spin-wait up to ~200 ms after a parallel region) are idle again.
-PAUSE_S = 0.25
-
-
-def _call_ms(fn: Callable[[], object]) -> tuple[float, object]:
-    time.sleep(PAUSE_S)
-    t0 = time.perf_counter()
-    out = _block(fn())
-    return (time.perf_counter() - t0) * 1e3, out
-
-
-def timed_pair(ours, ref, repeats: int, ref_repeats: int):
-    """Times both sides alternately (ours, ref, ours, ...) after one warm-up call each.
-
-    Stages whose two sides both take under 100 ms get 4x the repeats (cheap, and their
-    medians are the ones most exposed to a busy machine). Returns (our first-call ms, our
-    median ms, reference median ms, our result, reference result).
-    """
-    first, out = _call_ms(ours)
-    if ref_repeats > 1:  # slow references (one run) get no separate warm-up
-        ref_ms, _ = _call_ms(ref)
-        if max(_call_ms(ours)[0], ref_ms) < 100:
-            repeats, ref_repeats = 4 * repeats, 4 * ref_repeats
-    times, ref_times = [], []
-    for i in range(max(repeats, ref_repeats)):
-        if i < repeats:
-            ms, out = _call_ms(ours)
-            times.append(ms)
-        if i < ref_repeats:
-            ms, ref_out = _call_ms(ref)
-            ref_times.append(ms)
-    return first, statistics.median(times), statistics.median(ref_times), out, ref_out
 
 
 # ----------------------------------------------------------------------------- references
