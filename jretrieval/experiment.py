@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, metrics, models, ranking, whitening
+from jretrieval import distributed, metrics, models, multiscale, ranking, whitening
 from jretrieval import extract as extract_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import Dataset, load_dataset
@@ -302,6 +302,9 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         ids = _relative(paths, dataset.root)
         # The recalibrated statistics are in the weights' digest; "bn" only names the mode.
         user = {"model": name, "dataset": dataset.name, "part": part, "bn": config.bn.mode}
+        scales = multiscale.parse_scales(config.extraction.get("scales", (1,)))
+        if scales != (1.0,):  # multi-scale (cirtorch's extract_ms); single scale: stores unchanged
+            user["scales"] = list(scales)
         common = dict(
             bbx=bbx,
             policy=policy,
@@ -326,6 +329,12 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
             ids=ids,
             num_threads=config.extraction.num_threads,
             desc=f"extract {name} {dataset.name} {part}",
+            step=None  # None: the (data-parallel) single-scale step
+            if scales == (1.0,)
+            else multiscale.make_step(
+                encoder, scales=scales, pooling=pooling, pooling_kwargs=pooling_kwargs,
+                map_size=map_size,
+            ),  # fmt: skip
         )
         out[part] = (desc, np.asarray(report["kept"], np.int64))
         info["seconds"][part] = report["seconds"]
