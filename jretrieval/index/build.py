@@ -75,7 +75,7 @@ def _recalibrated(encoder, spec, paths, ids, settings, workdir):
     if os.path.isfile(cache):
         logging.info("reusing BN statistics %s", cache)
         with np.load(cache, allow_pickle=False) as z:
-            stats = files._unflatten({k: z[k] for k in z.files})
+            stats = files.unflatten_tree({k: z[k] for k in z.files})
         return wiring.with_batch_stats(encoder, stats), stats
     encoder = wiring.recalibrate(
         encoder,
@@ -85,7 +85,7 @@ def _recalibrated(encoder, spec, paths, ids, settings, workdir):
         batch_size=settings["batch_size"],
     )
     stats = encoder.variables["batch_stats"]
-    np.savez(cache + ".tmp.npz", **files._flatten(stats))
+    np.savez(cache + ".tmp.npz", **files.flatten_tree(stats))
     os.replace(cache + ".tmp.npz", cache)
     return encoder, stats
 

@@ -42,11 +42,13 @@ class IndexFileError(ValueError):
     """An index directory that cannot be read: missing, truncated or of another format."""
 
 
-def _flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def flatten_tree(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A nested dict of arrays (BN statistics) as ``{"a/b/c": array}`` for ``np.savez``."""
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def unflatten_tree(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The inverse of ``flatten_tree``."""
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
@@ -78,7 +80,7 @@ def write(
         if whitening is not None:
             np.savez(os.path.join(tmp, "whitening.npz"), **whitening)
         if bn_stats is not None:
-            np.savez(os.path.join(tmp, "bn_stats.npz"), **_flatten(bn_stats))
+            np.savez(os.path.join(tmp, "bn_stats.npz"), **flatten_tree(bn_stats))
         if diffusion is not None:
             np.savez(os.path.join(tmp, "diffusion.npz"), **diffusion)
         sizes = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
@@ -158,5 +160,5 @@ def read(path: str) -> dict[str, Any]:
             f"not match the manifest's {n} x {d}"
         )
     if out["bn_stats"] is not None:
-        out["bn_stats"] = _unflatten(out["bn_stats"])
+        out["bn_stats"] = unflatten_tree(out["bn_stats"])
     return out
