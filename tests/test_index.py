@@ -299,3 +299,27 @@ def test_exports_and_picture(setup, tiny_zoo, tmp_path, capsys):
     flat = faiss.read_index(f"{out}/database.faiss")
     scores, ids = flat.search(queries[:1], 3)
     np.testing.assert_array_equal(ids[0], ranks[:3, 0])
+
+
+def test_multiscale_index_equals_the_experiment_hook(setup, tiny_zoo, tmp_path):
+    """``--scales`` in the index and ``config.extraction.scales`` in the experiment agree."""
+    tmp = setup["tmp"]
+    index = Index.build(
+        str(tmp_path / "ms"),
+        dataset="oxford5k",
+        data_root=os.path.join(tmp, "data"),
+        checkpoint=os.path.join(tmp, "ckpt", "tiny_a.h5"),
+        size=48,
+        pca_dim=16,
+        bn="none",
+        scales="ms",
+    )
+    config = make_config(str(tmp_path), "oxford5k", **{"bn.mode": "none"})
+    config.data.root = os.path.join(tmp, "data")
+    config.checkpoint_dir = os.path.join(tmp, "ckpt")
+    config.model_zoo.tiny_a.file = "tiny_a.h5"
+    config.extraction.scales = (1.0, 2**-0.5, 0.5)
+    raw = experiment.describe(config, "tiny_a", setup["dataset"])
+    np.testing.assert_allclose(np.linalg.norm(raw.database, axis=1), 1.0, atol=1e-5)
+    db, _ = experiment.postprocess(raw.database, raw.queries, dim=16)
+    np.testing.assert_array_equal(index.database, np.asarray(db))
