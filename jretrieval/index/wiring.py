@@ -43,6 +43,7 @@ __all__ = [
     "postprocess",
     "recalibrate",
     "resolve_model",
+    "to_device",
     "topk",
 ]
 
@@ -270,6 +271,11 @@ def aqe(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(
         expansion.aqe(queries, database, k=k, alpha=0.0, block_size=16384), np.float32
     )
+
+
+def to_device(x: np.ndarray) -> jax.Array:
+    """``x`` placed on the default device once, for repeated searches."""
+    return jax.device_put(np.asarray(x, np.float32))
 
 
 def topk(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
