@@ -303,8 +303,11 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         # The recalibrated statistics are in the weights' digest; "bn" only names the mode.
         user = {"model": name, "dataset": dataset.name, "part": part, "bn": config.bn.mode}
         scales = multiscale.parse_scales(config.extraction.get("scales", (1,)))
-        if scales != (1.0,):  # multi-scale (cirtorch's extract_ms); single scale: stores unchanged
+        ms_step = None  # single scale: the (data-parallel) default step, stores unchanged
+        if scales != (1.0,):  # cirtorch's extract_ms (jretrieval.multiscale)
             user["scales"] = list(scales)
+            kw = dict(pooling=pooling, pooling_kwargs=pooling_kwargs, map_size=map_size)
+            ms_step = multiscale.make_step(encoder, scales=scales, **kw)
         common = dict(
             bbx=bbx,
             policy=policy,
@@ -329,12 +332,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
             ids=ids,
             num_threads=config.extraction.num_threads,
             desc=f"extract {name} {dataset.name} {part}",
-            step=None  # None: the (data-parallel) single-scale step
-            if scales == (1.0,)
-            else multiscale.make_step(
-                encoder, scales=scales, pooling=pooling, pooling_kwargs=pooling_kwargs,
-                map_size=map_size,
-            ),  # fmt: skip
+            step=ms_step,
         )
         out[part] = (desc, np.asarray(report["kept"], np.int64))
         info["seconds"][part] = report["seconds"]
