@@ -199,7 +199,7 @@ def test_main_rejects_misspelt_override():
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "mdoe" in proc.stderr and "Traceback" not in proc.stderr
 
 
