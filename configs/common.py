@@ -1,7 +1,8 @@
 """Shared pieces of the experiment configs: the model zoo, the paper's rows and columns, defaults.
 
 Every config file in ``configs/`` defines ``get_config(arg=None) -> ml_collections.ConfigDict``
-built from ``base_config`` below, and is run from the repository root:
+built from ``base_config`` below; relative paths are relative to the repository root
+(``python -m jretrieval.main`` resolves them so, from any working directory):
 
     python -m jretrieval.main --config=configs/oxford.py [--config.<field>=<value> ...]
 
@@ -16,7 +17,8 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
   ``"model"``: the model's own head, AP-GeM) and ``map_size`` (resize the last map before
   pooling: AMDIM 40x40 -> 23x23).
 - ``data``: dataset name and root folder (``jretrieval.datasets.load_dataset``).
-- ``bn``: BN recalibration (``mode`` exact | pytorch | none, ``momentum``, ``batch_size``).
+- ``bn``: BN recalibration (``mode`` pytorch, the paper's default | exact | none, ``momentum``,
+  ``batch_size``).
 - ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``, ``dtype``
   (encoder compute dtype, ``float32`` or ``bfloat16``; ``--config.extraction.dtype=bfloat16``).
 - ``pooling``: ``name`` (rmac, mac, spoc, gem) and its ``levels`` / ``p``.
@@ -135,7 +137,10 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.data.demo_kwargs = ml_collections.ConfigDict()  # passed to build_demo_dataset
 
     config.bn = ml_collections.ConfigDict()
-    config.bn.mode = "exact"  # exact | pytorch (the paper: model.train(), momentum 0.1) | none
+    # pytorch: the paper's procedure (a model.train() forward pass over the images: running
+    # averages, momentum 0.1, unbiased variance); exact: population statistics, this project's
+    # improvement (order-independent, no momentum); none: the checkpoint's own statistics.
+    config.bn.mode = "pytorch"
     config.bn.momentum = 0.1  # torch meaning, pytorch mode only
     config.bn.batch_size = 16
     config.bn.images = "database"  # database | database+queries

@@ -243,7 +243,7 @@ def test_paper_tables_arguments_and_dry_run(tmp_path):
         "--checkpoint-dir",
         "/ck",
         "--",
-        "--config.bn.mode=pytorch",
+        "--config.bn.mode=exact",
         cwd=tmp_path,
     )
     [rox, rpar] = done.stdout.splitlines()
@@ -251,7 +251,7 @@ def test_paper_tables_arguments_and_dry_run(tmp_path):
         "--config.models=baseline",
         f"--config.data.root={tmp_path}/d",  # relative to where the script was called
         "--config.checkpoint_dir=/ck",
-        "--config.bn.mode=pytorch",
+        "--config.bn.mode=exact",
     ]
     assert "configs/rparis.py" in rpar
 
