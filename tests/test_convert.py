@@ -5,7 +5,7 @@ Shape convention: torch inputs NCHW, Flax inputs NHWC; maps compared in NHWC.
 
 References are the random PyTorch modules of ``references.torch_resnet`` run in float64, so the
 measured error is the Flax float32 error alone. Tolerance: max |flax - torch| / max |torch| below
-1e-4 (STYLE.md: ~1e-4 for a whole network). Inference mode is checked on 33 px (odd: every
+1e-4 (the project's tolerance for a whole network). Inference mode is checked on 33 px (odd: every
 stride-2 op sees an odd size) and 32 px (even: every stride-2 op sees an even size, where 'SAME'
 padding would differ) inputs. Training mode (batch statistics) is checked on 8 x 65 px: with
 fewer values per BN channel a random float32 ResNet-50 in train mode is itself ill-conditioned
@@ -174,7 +174,7 @@ def test_resnet101_torchvision(tmp_path):
 
 
 def test_apgem(tmp_path):
-    """dirtorch layout with a pickled sklearn PCA; ResNet-50 trunk for speed (CHECKPOINTS §8)."""
+    """dirtorch layout (naver/deep-image-retrieval) with a pickled sklearn PCA; ResNet-50 trunk."""
     model = tr.torch_apgem(50, p=3.3, seed=6)
     pca = tr.pca_arrays(2048, 64, seed=6)
     src, out = str(tmp_path / "Resnet-50-AP-GeM.pt"), str(tmp_path / "apgem.h5")

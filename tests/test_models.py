@@ -2,8 +2,8 @@
 
 Shape convention: NHWC inputs ``[B, H, W, 3]``, maps ``[B, h, w, C]``.
 
-Golden parameter counts come from CHECKPOINTS.md (torchvision/SimCLR/dirtorch figures, minus the
-classifier ``fc`` where the encoder drops it). Numeric references are NumPy/PyTorch float64;
+Golden parameter counts are the published checkpoints' (torchvision, SimCLR, dirtorch), minus the
+classifier ``fc`` where the encoder drops it. Numeric references are NumPy/PyTorch float64;
 tolerances are stated at each assert. The full-network parity with PyTorch is in
 ``test_convert.py``.
 """
