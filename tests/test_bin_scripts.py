@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -365,3 +366,61 @@ def test_checkpoint_gdown_command_line_is_accepted_by_installed_gdown(tmp_path, 
         env=env,
     )
     assert old.returncode == 2 and "--id" in old.stderr
+
+
+TPU_RUN = os.path.join(REPO, "bin", "tpu_run.sh")
+
+FAKE_GCLOUD = r"""#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+"""
+
+FAKE_WORKER_PYTHON = r"""#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["WORKER_LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(os.getcwd()), *sys.argv[1:]]) + "\n")
+"""
+
+
+def test_tpu_run_launches_one_config_on_every_worker(tmp_path, fake):
+    env, log, bin_dir = fake
+    _executable(bin_dir / "gcloud-fake", FAKE_GCLOUD)
+    _executable(bin_dir / "py-worker", FAKE_WORKER_PYTHON)
+    env = dict(env, GCLOUD=str(bin_dir / "gcloud-fake"), WORKER_LOG=str(tmp_path / "worker.log"))
+    note = '--config.output.note=it\'s a "test" $HOME'  # survives both shells unchanged
+    args = ["--tpu", "pod", "--zone", "us-central2-b", "--project", "p1", "--python", "py-worker"]
+    done = run(
+        TPU_RUN, *args, "--install", "configs/oxford.py", "--config.models=baseline", note, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    install, launch = [json.loads(line) for line in calls(log)]
+    head = ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b", "--project=p1"]
+    assert launch[:-2] == head and launch[-2] == "--worker=all"
+    assert install[:-1] == launch[:-1]
+    assert install[-1] == "--command=cd jretrieval && py-worker -m pip install -e '.[tpu]'"
+    # what every worker's shell runs, here with a fake interpreter in a folder named jretrieval
+    (tmp_path / "jretrieval").mkdir()
+    remote = launch[-1].removeprefix("--command=")
+    subprocess.run(["bash", "-c", remote], cwd=tmp_path, env=env, check=True)
+    [worker] = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
+    assert worker == [
+        "jretrieval",
+        "-m",
+        "jretrieval.main",
+        "--config=configs/oxford.py",
+        "--config.distributed.multihost=True",
+        "--config.models=baseline",
+        note,
+    ]
+    # the dry run prints the same command line, runs nothing
+    dry = run(
+        TPU_RUN, *args, "--dry-run", "configs/oxford.py", "--config.models=baseline", note, env=env
+    )
+    assert dry.returncode == 0 and len(calls(log)) == 2
+    assert shlex.split(dry.stdout) == [env["GCLOUD"], *launch]
+    # mistakes: exit 2 with a line
+    assert run(TPU_RUN, "--zone", "z", "configs/oxford.py").returncode == 2
+    assert run(TPU_RUN, "--tpu", "t", "--zone", "z").returncode == 2
+    assert run(TPU_RUN, "--tpu", "t", "--zone", "z", "--bogus", "c.py").returncode == 2
+    assert "Usage: bin/tpu_run.sh" in run(TPU_RUN, "-h").stdout
