@@ -101,29 +101,32 @@ def compiling(name: str) -> Iterator[None]:
 _LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _COMPILED = "/jax/core/compile/backend_compile_duration"
 _listening = False
+_thresholds = {"lowering": 0.2, "compile": 2.0}
 
 
 def log_compilations(*, min_lowering_s: float = 0.2, min_compile_s: float = 2.0) -> None:
     """Logs ``compiling <function> ...`` before JAX compiles a large jitted function.
 
-    Installed once per process (later calls do nothing). JAX reports each lowering to MLIR when
-    it ends, that is just before XLA compiles; a lowering slower than ``min_lowering_s`` marks a
-    large program (an encoder, a diffusion solve), whose compilation is announced; the small
-    jitted helpers (a few ms) are not. A compilation longer than ``min_compile_s`` is followed by
-    ``compiled <function> in X s``.
+    Installed once per process (later calls only change the thresholds). JAX reports each
+    lowering to MLIR when it ends, that is just before XLA compiles; a lowering slower than
+    ``min_lowering_s`` marks a large program (an encoder, a diffusion solve), whose compilation
+    is announced; the small jitted helpers (a few ms) are not. A compilation longer than
+    ``min_compile_s`` is followed by ``compiled <function> in X s``.
     """
     global _listening
     with _lock:
+        _thresholds.update(lowering=min_lowering_s, compile=min_compile_s)
         if _listening:
             return
         _listening = True
     from jax import monitoring
 
-    def on_event(event: str, seconds: float, **kwargs) -> None:
-        name = kwargs.get("fun_name", "a jitted function")
-        if event == _LOWERED and seconds >= min_lowering_s:
-            logging.info("compiling %s (XLA, once per shape; can take a minute) ...", name)
-        elif event == _COMPILED and seconds >= min_compile_s:
-            logging.info("compiled %s in %.1f s", name, seconds)
+    monitoring.register_event_duration_secs_listener(_on_compile_event)
 
-    monitoring.register_event_duration_secs_listener(on_event)
+
+def _on_compile_event(event: str, seconds: float, **kwargs) -> None:
+    name = kwargs.get("fun_name", "a jitted function")
+    if event == _LOWERED and seconds >= _thresholds["lowering"]:
+        logging.info("compiling %s (XLA, once per shape; can take a minute) ...", name)
+    elif event == _COMPILED and seconds >= _thresholds["compile"]:
+        logging.info("compiled %s in %.1f s", name, seconds)
