@@ -13,6 +13,8 @@ import sys
 
 import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from jretrieval import errors, main
 from tests import helpers
@@ -146,6 +148,24 @@ def test_last_override_wins():
         "--",
         "--config.models=after",
     ]
+    # parsed as main parses them: absl alone appends the repeated tuple field
+    argv = [
+        "prog",
+        "--config=configs/oxford.py",
+        "--config.models=baseline",
+        "--config.models=mocov2",
+    ]
+    assert _parse(argv).models == ("baseline", "mocov2")
+    assert _parse(main.last_override_wins(argv)).models == ("mocov2",)
+
+
+def _parse(argv):
+    fv = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file(
+        "config", None, flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    fv(argv)
+    return holder.value
 
 
 def test_resolve_paths(tmp_path, monkeypatch):
