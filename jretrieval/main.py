@@ -32,7 +32,10 @@ from jretrieval import distributed, errors, experiment, progress
 
 #: the repository this package lives in (a source checkout or an editable install).
 _PACKAGE_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = "configs/demo.py"
+#: the offline demo, named absolutely so that the default loads from any working directory.
+DEFAULT_CONFIG = os.path.join(_PACKAGE_REPO, "configs", "demo.py")
+if not os.path.isfile(DEFAULT_CONFIG):  # an installed (non-editable) package: from the cwd
+    DEFAULT_CONFIG = "configs/demo.py"
 #: config fields holding paths; relative ones are resolved by :func:`resolve_paths`.
 PATH_FIELDS = ("workdir", "data.root", "checkpoint_dir", "output.dir")
 
@@ -113,6 +116,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     argv = last_override_wins(argv)
     try:
         argv = _locate_config(argv)
+        sys.argv[:] = argv  # ml_collections reads the overrides from sys.argv when parsing
         return flags.FLAGS(argv)
     except (errors.UserError, flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
         if debug:
@@ -175,14 +179,19 @@ def _typed_fields() -> list[str]:
 
 
 def _locate_config(argv: list[str]) -> list[str]:
-    """Finds, checks and pre-loads the ``--config`` file; returns argv naming it absolutely."""
-    argv = list(argv)
-    index, spec = None, DEFAULT_CONFIG
-    for i, a in enumerate(argv[1:], 1):
-        if a == "--":
+    """Finds, checks and pre-loads the ``--config`` file; returns argv naming it absolutely,
+    once, first (an override before ``--config`` is no error then)."""
+    argv, words = list(argv[:1]), list(argv[1:])
+    while words:  # the two-word form "--config FILE" made one word
+        word = words.pop(0)
+        if word == "--":
+            argv += [word, *words]
             break
-        if a.startswith("--config="):
-            index, spec = i, a.split("=", 1)[1]
+        argv.append(f"--config={words.pop(0)}" if word == "--config" and words else word)
+    end = argv.index("--") if "--" in argv else len(argv)
+    given = [a for a in argv[:end] if a.startswith("--config=")]
+    spec = given[-1].split("=", 1)[1] if given else DEFAULT_CONFIG  # the last one wins
+    argv = [a for i, a in enumerate(argv) if i >= end or not a.startswith("--config=")]
     path, sep, arg = spec.partition(":")
     found = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(found) and not os.path.isabs(path):
@@ -195,12 +204,9 @@ def _locate_config(argv: list[str]) -> list[str]:
         )
     _make_configs_importable(found)
     _load_config_file(found, arg if sep else None, spec)
-    value = f"--config={found}{sep}{arg}"
-    if index is None:
-        argv.insert(1, value)
-    else:
-        argv[index] = value
-    return argv
+    if not given:  # the default, loaded (absolutely) when the flag was defined
+        return argv
+    return [*argv[:1], f"--config={found}{sep}{arg}", *argv[1:]]  # before its overrides
 
 
 def _make_configs_importable(path: str) -> None:

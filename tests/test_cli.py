@@ -122,9 +122,12 @@ def test_config_from_another_directory(tmp_path):
     elsewhere.mkdir()
     proc = _main(f"--config={exp / 'mine.py'}", cwd=elsewhere)
     _assert_user_error(proc, f"{exp}/mydata/paris6k")
-    # a repository config named from elsewhere; a typed relative path is the shell's
-    proc = _main("--config=configs/rparis.py", "--config.data.root=typed", cwd=elsewhere)
+    # a repository config named from elsewhere (the two-word form, after an override); a
+    # relative path typed on the command line is the shell's
+    proc = _main("--config.data.root=typed", "--config", "configs/rparis.py", cwd=elsewhere)
     _assert_user_error(proc, f"{elsewhere}/typed/rparis6k")
+    # the default config (the demo) from elsewhere: loaded, then its bad override named
+    _assert_user_error(_main("--config.whitening.dim=0", cwd=elsewhere), "whitening.dim", "0")
 
 
 # ------------------------------------------------------------------------------ in-process
