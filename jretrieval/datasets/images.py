@@ -16,6 +16,18 @@ Resize policies (``ResizePolicy``):
   database images (cirtorch ``ImagesFromList``). ``target_size`` computes the result from the
   image header alone, which lets ``plan_batches`` bucket images by shape before decoding them.
 
+High bit depth: 16-bit grey (Pillow modes ``I;16*``) and 32-bit integer (``I``) images are
+scaled to 8 bits as ``round(v / 257)`` (65535 -> 255, so a 16-bit copy of an 8-bit picture,
+``v = 257 * b``, decodes to the same bytes), float (``F``) images as ``round(255 * v)`` when
+their values lie in [0, 1] and as grey levels (clipped to 0..255) otherwise. Pillow's own
+``convert("RGB")`` clips these modes at 255 instead (a dark 16-bit picture turns white).
+
+Boxes and limits: a query box is rounded as ``PIL.Image.crop`` does and clipped to the image; a
+box with no area inside the image raises :class:`InvalidBoxError` (naming the file, the box and
+the image size). An image of more than ``max_pixels`` pixels (``set_max_pixels``, default
+Pillow's 89,478,485) raises :class:`ImageTooLargeError` before it is decoded. Both are
+subclasses of ``CorruptImageError``, so ``skip_corrupt=True`` skips them like an undecodable file.
+
 Bucketing: ``plan_batches`` groups the images by output shape (in order of first appearance) and
 cuts each group into batches of at most ``batch_size``, so every shape is compiled once per
 batch size (and the fixed policy yields consecutive chunks of the list). The plan is a
@@ -28,6 +40,7 @@ import collections
 import concurrent.futures
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -37,12 +50,18 @@ from PIL import Image
 __all__ = [
     "Batch",
     "CorruptImageError",
+    "DEFAULT_MAX_PIXELS",
+    "ImageTooLargeError",
+    "InvalidBoxError",
     "ResizePolicy",
     "as_policy",
     "image_size",
     "iterate_batches",
+    "clip_box",
+    "get_max_pixels",
     "load_image",
     "plan_batches",
+    "set_max_pixels",
     "target_size",
 ]
 
@@ -51,8 +70,49 @@ Box = tuple[float, float, float, float]
 MODES = ("fixed", "max_side")
 
 
+#: Pillow's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), our default.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+#: the limit ``load_image`` applies when given none; changed only by ``set_max_pixels``.
+_max_pixels = DEFAULT_MAX_PIXELS
+
+#: Pillow modes whose samples are wider than 8 bits, and the divisor that maps them to 0..255.
+_WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_TO_EIGHT = 257.0  # 65535 / 255
+
+
 class CorruptImageError(ValueError):
     """An image file that cannot be opened or decoded; the message names the file."""
+
+
+class InvalidBoxError(CorruptImageError):
+    """A crop box with no area inside its image; the message names the file, box and size."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image of more pixels than the limit (a decompression bomb); names file and count."""
+
+
+def set_max_pixels(limit: int | None) -> int:
+    """Sets the largest image (in pixels) ``load_image`` decodes; returns the previous limit.
+
+    ``None`` restores ``DEFAULT_MAX_PIXELS``. Pillow's own limit is raised to match when
+    ``limit`` is larger, so that Pillow does not refuse first with a message that names no file.
+    The setting is process-wide, as Pillow's is (``extraction.max_pixels`` in the configs).
+    """
+    global _max_pixels
+    limit = DEFAULT_MAX_PIXELS if limit is None else limit
+    if isinstance(limit, bool) or int(limit) != limit or limit < 1:
+        raise ValueError(f"max_pixels={limit!r}; expected a positive integer")
+    previous, _max_pixels = _max_pixels, int(limit)
+    if Image.MAX_IMAGE_PIXELS is not None and _max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = _max_pixels
+    return previous
+
+
+def get_max_pixels() -> int:
+    """The current limit of ``set_max_pixels``."""
+    return _max_pixels
 
 
 class ResizePolicy(NamedTuple):
@@ -88,14 +148,40 @@ def as_policy(policy: ResizePolicy | Mapping[str, Any]) -> ResizePolicy:
     return ResizePolicy(policy.mode, int(policy.size))
 
 
-def _crop_box(bbx: Sequence[float], width: int, height: int, path: str) -> tuple[int, ...]:
-    """Pillow's rounding of a crop box ``(x1, y1, x2, y2)``, validated."""
-    if len(bbx) != 4:
-        raise ValueError(f"{path}: bbx={tuple(bbx)!r}; expected (x1, y1, x2, y2)")
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
+def clip_box(
+    bbx: Sequence[float], width: int, height: int, *, path: str = "image"
+) -> tuple[int, int, int, int]:
+    """A crop box ``(x1, y1, x2, y2)`` rounded as ``PIL.Image.crop`` does, clipped to the image.
+
+    Args:
+      bbx: the box in pixels of the full image, right/bottom exclusive.
+      width, height: the image's size.
+      path: named in the error message.
+
+    Returns:
+      Integer ``(x1, y1, x2, y2)`` with ``0 <= x1 < x2 <= width`` and ``0 <= y1 < y2 <= height``.
+
+    Raises:
+      InvalidBoxError: not four finite numbers, an empty box, or no area inside the image.
+    """
+    values = tuple(bbx) if isinstance(bbx, Sequence | np.ndarray) else (bbx,)
+    try:
+        coords = [float(v) for v in values]
+    except (TypeError, ValueError):
+        coords = []
+    if len(coords) != 4 or not all(math.isfinite(v) for v in coords):
+        raise InvalidBoxError(f"{path}: bbx={values!r}; expected 4 finite numbers (x1, y1, x2, y2)")
+    x1, y1, x2, y2 = (int(round(v)) for v in coords)
     if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"{path}: bbx={tuple(bbx)!r} is empty; expected x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
+        raise InvalidBoxError(f"{path}: bbx={values!r} is empty; expected x1 < x2 and y1 < y2")
+    clipped = (min(max(x1, 0), width), min(max(y1, 0), height))
+    clipped += (min(max(x2, 0), width), min(max(y2, 0), height))
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        raise InvalidBoxError(
+            f"{path}: bbx={values!r} has no area inside the {width}x{height} image; expected a "
+            "box (x1, y1, x2, y2) in pixels that overlaps it"
+        )
+    return clipped
 
 
 def _thumbnail_size(width: int, height: int, limit: float) -> tuple[int, int]:
@@ -122,7 +208,7 @@ def target_size(
     policy = as_policy(policy)
     crop_w, crop_h = width, height
     if bbx is not None:
-        x1, y1, x2, y2 = _crop_box(bbx, width, height, "image")
+        x1, y1, x2, y2 = clip_box(bbx, width, height)
         crop_w, crop_h = x2 - x1, y2 - y1
     if policy.mode == "fixed":
         return policy.size, policy.size
@@ -130,19 +216,50 @@ def target_size(
     return _thumbnail_size(crop_w, crop_h, limit)
 
 
-def _open(path: str) -> Image.Image:
+def _too_large(path: str, pixels: int | str, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{path}: image of {pixels} pixels exceeds the limit of {limit} pixels (a possible "
+        "decompression bomb); raise extraction.max_pixels if the file is trusted"
+    )
+
+
+def _open(path: str, max_pixels: int | None = None) -> Image.Image:
+    """Opens (reads the header of) an image, refusing one of more than ``max_pixels``."""
+    limit = _max_pixels if max_pixels is None else max_pixels
     try:
-        return Image.open(path)
+        img = Image.open(path)
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as err:  # beyond twice Pillow's own limit
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise _too_large(path, found.group(1) if found else "too many", limit) from err
     except (OSError, SyntaxError, ValueError) as err:  # Pillow's "cannot identify" etc.
         raise CorruptImageError(f"cannot open image {path}: {err}") from err
+    width, height = img.size
+    if width * height > limit:
+        img.close()
+        raise _too_large(path, width * height, limit)
+    return img
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` from the header only (no decoding)."""
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB, scaling wide grey modes instead of clipping them."""
+    if img.mode in _WIDE_INTEGER_MODES:
+        values = np.asarray(img, dtype=np.float64) / _SIXTEEN_BIT_TO_EIGHT
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255, neginf=0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0  # a [0, 1] float image
+        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def image_size(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no decoding); ``ImageTooLargeError`` beyond
+    ``max_pixels`` (default: the ``set_max_pixels`` limit)."""
     path = os.fspath(path)
-    with _open(path) as img:
+    with _open(path, max_pixels) as img:
         return img.size
 
 
@@ -151,33 +268,39 @@ def load_image(
     *,
     bbx: Sequence[float] | None = None,
     policy: ResizePolicy | Mapping[str, Any],
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Decodes, crops and resizes one image.
 
     Args:
       path: image file.
       bbx: optional crop box ``(x1, y1, x2, y2)`` in pixels (``PIL.Image.crop``: coordinates
-        rounded, right/bottom exclusive) applied before resizing.
+        rounded, right/bottom exclusive), clipped to the image, applied before resizing.
       policy: a ``ResizePolicy`` or ``{"mode", "size"}``.
+      max_pixels: refuse larger images (default: the ``set_max_pixels`` limit).
 
     Returns:
-      ``np.uint8 [H, W, 3]`` RGB with ``(W, H) == target_size(...)``.
+      ``np.uint8 [H, W, 3]`` RGB with ``(W, H) == target_size(...)``; 16-bit and float images
+      scaled to 8 bits (module docstring).
 
     Raises:
       FileNotFoundError: the file does not exist.
-      CorruptImageError: the file cannot be decoded (the message names it).
+      CorruptImageError: the file cannot be decoded (the message names it); its subclasses
+        ``InvalidBoxError`` (``bbx`` has no area inside the image) and ``ImageTooLargeError``
+        (more than ``max_pixels`` pixels). Both are raised before any pixel is decoded.
     """
     path = os.fspath(path)
     policy = as_policy(policy)
-    with _open(path) as raw:
+    with _open(path, max_pixels) as raw:
+        full_w, full_h = raw.size
+        crop = None if bbx is None else clip_box(bbx, full_w, full_h, path=path)
         try:
-            img = raw.convert("RGB")  # decodes the whole file
+            img = _to_rgb8(raw)  # decodes the whole file
         except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode image {path}: {err}") from err
-    full_w, full_h = img.size
-    size = target_size(full_w, full_h, bbx=bbx, policy=policy)
-    if bbx is not None:
-        img = img.crop(_crop_box(bbx, full_w, full_h, path))
+    size = target_size(full_w, full_h, bbx=crop, policy=policy)
+    if crop is not None:
+        img = img.crop(crop)
     if img.size != size:
         resample = Image.Resampling.BILINEAR
         if policy.mode == "max_side":
@@ -225,13 +348,10 @@ def plan_batches(
         else:
             try:
                 width, height = sizes[i] if sizes is not None else image_size(path)
-            except CorruptImageError:
-                width, height = -1, -1  # its own group; load_image raises (or skips) later
-            if width < 0:
-                shape = (-1, -1)
-            else:
                 w, h = target_size(width, height, bbx=box, policy=policy)
                 shape = (h, w)
+            except CorruptImageError:  # bad header or box: load_image raises (or skips) later
+                shape = (-1, -1)
         groups.setdefault(shape, []).append(i)
     plan = []
     for shape, members in groups.items():
