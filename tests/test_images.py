@@ -325,3 +325,16 @@ def test_max_pixels_is_a_setting(tmp_path):
     finally:
         im.set_max_pixels(previous)
     assert im.get_max_pixels() == im.DEFAULT_MAX_PIXELS
+
+
+def test_raised_max_pixels_also_raises_pillows_limit(tmp_path):
+    """Pillow refuses beyond twice its own limit; a trusted larger image must still open."""
+    big = _png_header_only(tmp_path / "big.png", 20000, 10000)  # 2e8 > 2 x 89478485
+    with pytest.raises(im.ImageTooLargeError, match="200000000 pixels"):
+        im.image_size(big)
+    previous = im.set_max_pixels(300_000_000)
+    try:
+        assert im.image_size(big) == (20000, 10000)  # header only: nothing decoded
+    finally:
+        im.set_max_pixels(previous)
+    assert Image.MAX_IMAGE_PIXELS == im.DEFAULT_MAX_PIXELS

@@ -75,6 +75,8 @@ DEFAULT_MAX_PIXELS = 89_478_485
 
 #: the limit ``load_image`` applies when given none; changed only by ``set_max_pixels``.
 _max_pixels = DEFAULT_MAX_PIXELS
+#: Pillow's limit as this module found it; ``set_max_pixels`` raises it, never below this.
+_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
 
 #: Pillow modes whose samples are wider than 8 bits, and the divisor that maps them to 0..255.
 _WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -105,8 +107,8 @@ def set_max_pixels(limit: int | None) -> int:
     if isinstance(limit, bool) or int(limit) != limit or limit < 1:
         raise ValueError(f"max_pixels={limit!r}; expected a positive integer")
     previous, _max_pixels = _max_pixels, int(limit)
-    if Image.MAX_IMAGE_PIXELS is not None and _max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = _max_pixels
+    if _PILLOW_LIMIT is not None:  # None: the user switched Pillow's check off already
+        Image.MAX_IMAGE_PIXELS = max(_PILLOW_LIMIT, _max_pixels)
     return previous
 
 
