@@ -16,7 +16,8 @@ and refuses, naming the setting or file and what was expected:
 - the workdir and the output folder: writable (a probe file is created and removed);
 - each model's file: present and holding the architecture its zoo entry states (read from the
   file's metadata, no weights loaded: ``jretrieval.models.check_architecture``); a random-init
-  entry: an architecture that builds.
+  entry: an architecture that builds; ``pooling="model"`` only for an encoder with its own
+  descriptor head.
 
 Ground-truth problems (duplicate or overlapping indices, query boxes outside their images) are
 refused earlier, by ``jretrieval.datasets.load_dataset``.
@@ -103,11 +104,17 @@ def _check_model(config: Any, name: str, spec: Mapping[str, Any]) -> None:
             )
         found = models.read_architecture(path)
         models.check_architecture(found, expected, where=f"{path} (model {name!r})")
-        models.build(found)  # an architecture this version can build
     elif expected:
-        models.build(expected)
+        found = expected
     else:
         raise ValueError(f"model_zoo[{name!r}] has neither 'file' nor 'architecture': {spec}")
+    module = models.build(found)  # an architecture this version can build
+    if spec.get("pooling") == OWN_HEAD and not getattr(module, "has_descriptor", False):
+        raise ValueError(
+            f"model_zoo[{name!r}].pooling={OWN_HEAD!r} needs an encoder with its own descriptor "
+            f"head (AP-GeM); {models.architecture_name(found)} has none: expected pooling None "
+            f"or one of {sorted(pooling.POOLING)}"
+        )
 
 
 def _check_dims(config: Any, dataset: Dataset, dims: Sequence[int | None]) -> None:

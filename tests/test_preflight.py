@@ -133,6 +133,9 @@ def test_model_files_checked_before_decoding(data, tiny_zoo, no_decoding):
     assert "features=16" in str(err) and "'features': 32" in str(err)
     with pytest.raises(models.ArchitectureMismatchError):  # load_encoder checks it too
         experiment.load_encoder(config, "tiny_file")
+    config = make_config(data, "oxford5k")
+    config.model_zoo["tiny_a"]["pooling"] = "model"  # TinyNet has no descriptor head
+    refused_fast(config, ValueError, r"model_zoo\['tiny_a'\]\.pooling='model' needs .* head")
 
 
 def test_ground_truth_problems_refused_before_decoding(data, tiny_zoo, no_decoding):
