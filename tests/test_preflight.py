@@ -3,7 +3,7 @@
 issue 9 ("Check before the hours of work"): each bad setting, folder or model file below used
 to fail only after BN recalibration and extraction (hours on real data), or never. Here
 ``experiment.run`` must refuse it within ``FAST`` seconds while decoding is booby-trapped
-(``images._to_rgb8`` raises), so a failure proves that no image was decoded.
+(``images.to_rgb8`` raises), so a failure proves that no image was decoded.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def no_decoding(monkeypatch):
     def trap(img):
         raise AssertionError("an image was decoded before the early checks finished")
 
-    monkeypatch.setattr(images, "_to_rgb8", trap)
+    monkeypatch.setattr(images, "to_rgb8", trap)
 
 
 def refused_fast(config, error, match):
@@ -48,6 +48,12 @@ def refused_fast(config, error, match):
     elapsed = time.perf_counter() - start
     assert elapsed < FAST, f"refused after {elapsed:.1f}s"
     return info.value
+
+
+def test_the_trap_catches_decoding(data, tiny_zoo, no_decoding):
+    """The booby trap is live: a valid config passes every check and then hits it."""
+    with pytest.raises(AssertionError, match="an image was decoded"):
+        experiment.run(make_config(data, "oxford5k"))
 
 
 @pytest.mark.parametrize(
