@@ -291,7 +291,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
     policy = images_lib.as_policy(_as_dict(config.extraction.policy))
     folder = os.path.join(config.workdir, "descriptors")
-    out, info = {}, {"seconds": {}, "stores": {}, "skipped": [], "encoder": provenance}
+    out, info = {}, {"seconds": {}, "stores": {}, "skipped": []}
     parts = {
         "database": (dataset.db_paths, None),
         "queries": (dataset.query_paths, dataset.query_bbx),
@@ -330,6 +330,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         info["stores"][part] = store
         info["skipped"] += [(part, p, m) for p, m in report["skipped"]]
     info["seconds"].update(load=t_load - start, bn=t_bn - t_load)
+    info["encoder"] = provenance
     logging.info(
         "model %s: descriptors %s (%.1fs)",
         name,
