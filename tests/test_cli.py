@@ -72,6 +72,7 @@ def test_missing_checkpoint(tmp_path):
         f"--config.workdir={tmp_path / 'run'}",
         f"--config.checkpoint_dir={tmp_path / 'none'}",
         "--config.models=baseline",
+        "--config.whitening.dim=16",  # the tiny set has 26 database images
     )
     _assert_user_error(proc, "'baseline'", f"{tmp_path}/none/baseline.h5", "convert_checkpoints")
     assert not (tmp_path / "run" / "descriptors").exists()
