@@ -36,41 +36,26 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from jretrieval import paper
+
+# The paper's vocabulary is defined once, in jretrieval.paper; these names are what the configs
+# in this folder use.
 #: Table 1's columns, in the paper's order.
-COLUMNS = (
-    "G",
-    "G+AQE",
-    "G+DFS",
-    "G+DBA",
-    "G+AQE+DFS",
-    "G+DBA+AQE",
-    "G+DBA+DFS",
-    "G+DBA+AQE+DFS",
-)
-
+COLUMNS = paper.COLUMNS
 #: single models of Tables 1 and 2, in the paper's row order (AP-GeM is listed last there).
-PAPER_MODELS = ("baseline", "simclr1x", "simclr2x", "simclr4x", "mocov1", "mocov2", "amdim")
+PAPER_MODELS = paper.SINGLE_MODELS
 #: the paper's ensembles (Tables 1 and 2): R-MAC concatenated, then PCA-whitened.
-PAPER_ENSEMBLES = (
-    "simclr2x+simclr4x",
-    "simclr2x+amdim",
-    "simclr2x+mocov2",
-    "simclr4x+mocov2",
-    "simclr4x+amdim",
-)
+PAPER_ENSEMBLES = paper.ENSEMBLES
 #: the fine-tuned upper bound (GeM pooling with its own head, Revaud et al. 2019).
-UPPER_BOUND = ("apgem",)
+UPPER_BOUND = paper.UPPER_BOUND
 #: every row of Tables 1 and 2, in the paper's order.
-TABLE1_ROWS = PAPER_MODELS + PAPER_ENSEMBLES + UPPER_BOUND
-
+TABLE1_ROWS = paper.ROWS
 #: Table 3's PCA dimensions; ``None`` is "True dim." (no PCA, L2 only).
-TABLE3_DIMS = (32, 64, 128, 256, 512, 1024, 2048, None)
-
+TABLE3_DIMS = paper.TABLE3_DIMS
 #: metrics of Table 2 (revisited protocol).
-TABLE2_METRICS = tuple(f"{s}/{m}" for s in "EMH" for m in ("mAP", "mP@5", "mP@10"))
-
+TABLE2_METRICS = paper.TABLE2_METRICS
 #: the paper's datasets (keys of ``jretrieval.datasets.DATASETS``).
-DATASETS = ("oxford5k", "paris6k", "roxford5k", "rparis6k", "instre")
+DATASETS = paper.DATASETS
 
 
 def _model(label: str, file: str | None, **kw) -> dict:
@@ -89,20 +74,24 @@ def _model(label: str, file: str | None, **kw) -> dict:
 def model_zoo() -> ml_collections.ConfigDict:
     """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
     zoo = {
-        "baseline": _model("Baseline", "baseline.h5"),
-        "simclr1x": _model("SimClr1x", "simclr1x.h5"),
-        "simclr2x": _model("SimClr2x", "simclr2x.h5"),
-        "simclr4x": _model("SimClr4x", "simclr4x.h5"),
-        "mocov1": _model("MoCov1", "mocov1.h5"),
-        "mocov2": _model("MoCov2", "mocov2.h5"),
+        "baseline": _model(paper.LABELS["baseline"], "baseline.h5"),
+        "simclr1x": _model(paper.LABELS["simclr1x"], "simclr1x.h5"),
+        "simclr2x": _model(paper.LABELS["simclr2x"], "simclr2x.h5"),
+        "simclr4x": _model(paper.LABELS["simclr4x"], "simclr4x.h5"),
+        "mocov1": _model(paper.LABELS["mocov1"], "mocov1.h5"),
+        "mocov2": _model(paper.LABELS["mocov2"], "mocov2.h5"),
         # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
-        "amdim": _model("AmDim", "amdim.h5", map_size=(23, 23)),
+        "amdim": _model(
+            paper.LABELS["amdim"], "amdim.h5", map_size=paper.SETTINGS["amdim_map_size"]
+        ),
         # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
-        "apgem": _model("GeM (AP)", "apgem.h5", pooling="model"),
+        "apgem": _model(paper.LABELS["apgem"], "apgem.h5", pooling="model"),
         # Beyond the paper (bin/convert_checkpoints.sh converts them too).
         "resnet101": _model("ResNet-101", "resnet101.h5"),
         "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5"),
-        "amdim_large": _model("AmDim (large)", "amdim_large.h5", map_size=(23, 23)),
+        "amdim_large": _model(
+            "AmDim (large)", "amdim_large.h5", map_size=paper.SETTINGS["amdim_map_size"]
+        ),
         # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
         "random_resnet50": _model(
             "ResNet-50 (random weights)",
@@ -121,7 +110,7 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.workdir = f"runs/{dataset}"  # descriptor stores, BN statistics, results
     # Folder of converted encoders (`bin/convert_checkpoints.sh --out`); model_zoo files are in it.
     config.checkpoint_dir = "converted"
-    config.models = TABLE1_ROWS
+    config.models = paper.ROWS
     config.model_zoo = model_zoo()
 
     config.data = ml_collections.ConfigDict()
@@ -141,7 +130,9 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.bn.images = "database"  # database | database+queries
 
     config.extraction = ml_collections.ConfigDict()
-    config.extraction.policy = ml_collections.ConfigDict({"mode": "fixed", "size": 724})
+    config.extraction.policy = ml_collections.ConfigDict(
+        {"mode": "fixed", "size": paper.SETTINGS["image_size"]}
+    )
     config.extraction.batch_size = 8
     config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
     config.extraction.num_threads = config_dict.placeholder(int)
@@ -151,21 +142,23 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
 
     config.pooling = ml_collections.ConfigDict()
     config.pooling.name = "rmac"
-    config.pooling.levels = 3  # rmac
+    config.pooling.levels = paper.SETTINGS["rmac_levels"]  # rmac
     config.pooling.p = 3.0  # gem
 
     config.whitening = ml_collections.ConfigDict()
     # int, "none" (no PCA: L2 only, Table 3's "True dim."), or a tuple of them (a sweep).
     config.whitening.dim = config_dict.placeholder(object)
-    config.whitening.dim = 512
+    config.whitening.dim = paper.DEFAULT_DIM
     config.whitening.learn_on = "database"  # database | database+queries
 
     config.ranking = ml_collections.ConfigDict()
-    config.ranking.columns = COLUMNS
-    config.ranking.aqe_k = 10  # N
-    config.ranking.dba_k = 20  # N'
-    config.ranking.combined_aqe_k = 1  # N when AQE and DBA are combined (Gordo et al. 2017)
-    config.ranking.combined_dba_k = 20  # N' when combined
+    config.ranking.columns = paper.COLUMNS
+    config.ranking.aqe_k = paper.SETTINGS["aqe_k"]  # N
+    config.ranking.dba_k = paper.SETTINGS["dba_k"]  # N'
+    config.ranking.combined_aqe_k = paper.SETTINGS[
+        "combined_aqe_k"
+    ]  # N when AQE and DBA are combined (Gordo et al. 2017)
+    config.ranking.combined_dba_k = paper.SETTINGS["combined_dba_k"]  # N' when combined
     config.ranking.aqe_alpha = 0.0
     config.ranking.dba_alpha = 0.0
     config.ranking.block_size = 16384
