@@ -25,22 +25,18 @@ ensemble):
 5. **Ranking**: every column of ``config.ranking.columns`` (``jretrieval.ranking``).
 6. **Evaluation** with the dataset's protocol (``jretrieval.metrics.evaluate``).
 
+For a row whose model has its own head (AP-GeM, ``model_zoo[m].pooling == "model"``),
+``whitening.apgem`` chooses step 4: ``"common"`` (the paper's pipeline above, the default) or
+``"shipped"`` (the PCA in the checkpoint, as dirtorch's ``test_dir.py`` applies it).
+
 Unreadable images (``extraction.skip_corrupt=True``) are left out and listed in
-``results["skipped"]``: a skipped database image is absent from every ranking (it counts as a
-missed positive, never as a zero vector); a skipped query is left out of the means.
+``results.skipped``: a skipped database image is absent from every ranking (it counts as a
+missed positive, never as a zero vector); a skipped query is left out of the means and of the
+chance level.
 
-The results are a JSON-serialisable dict::
-
-    {"dataset": "oxford5k", "protocol": "classic", "table": "table1",
-     "models": {row: {column: {metric: value in percent}}},
-     "labels": {row: label}, "columns": [column keys in order], "metrics": [metric keys],
-     "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
-     "settings": config as a dict, "notes": [...], "skipped": {model: [(part, path, why)]},
-     "timings": {"models": {...}, "rows": {...}, "total": s}, "stores": {model: {part: path}},
-     "examples": {row: {"column", "queries", "ranks": top-10 database indices}},
-     "sizes": {"database": N, "queries": Q}}
-
-handed to ``jretrieval.report`` (tables like the paper's, JSON, CSV, plots) and returned.
+``run`` returns a ``jretrieval.results.Results`` (figures, per-query AP, the choices made,
+timings per stage, provenance) and writes nothing; ``jretrieval.report.run`` runs it and writes
+the report.
 """
 
 from __future__ import annotations
@@ -55,29 +51,42 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, metrics, models, ranking, whitening
+from jretrieval import distributed, metrics, models, paper, ranking, whitening
 from jretrieval import extract as extract_lib
+from jretrieval import results as results_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import Dataset, load_dataset
 from jretrieval.datasets import images as images_lib
+from jretrieval.models import apgem
+from jretrieval.results import Results
 
 __all__ = [
+    "APGEM_MODES",
     "Descriptors",
+    "RowResults",
+    "ShippedPCA",
     "column_key",
     "describe",
     "evaluate_row",
+    "learn_whitening",
     "load_data",
     "load_encoder",
     "parse_dims",
     "parse_models",
     "postprocess",
+    "postprocess_shipped",
     "recalibrate",
     "run",
+    "shipped_pca",
 ]
 
 BN_MODES = ("exact", "pytorch", "none")
 LEARN_ON = ("database", "database+queries")
-NO_PCA = "True dim."
+NO_PCA = paper.NO_PCA
+#: ``whitening.apgem``: how rows with their own head (AP-GeM) are post-processed.
+APGEM_MODES = ("common", "shipped")
+#: dirtorch ``test_dir.py``'s ``--whitenp``: the shipped PCA divides by variance ** 0.25.
+SHIPPED_PCA_POWER = 0.25
 
 
 class Descriptors(NamedTuple):
@@ -132,8 +141,14 @@ def parse_models(models_field: Sequence[str] | str) -> list[tuple[str, tuple[str
 
 
 def parse_dims(dim: Any) -> tuple[int | None, ...]:
-    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA)."""
-    values = dim if isinstance(dim, (list, tuple)) else [dim]
+    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA).
+
+    Accepts an int, ``None``/``"none"``, a tuple of them, or a comma-separated string as the
+    command line gives it (``--config.whitening.dim=16,32,64,none``).
+    """
+    values: list[Any] = []
+    for v in dim if isinstance(dim, (list, tuple)) else [dim]:
+        values += [part.strip() for part in v.split(",")] if isinstance(v, str) else [v]
     out: list[int | None] = []
     for v in values:
         if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "true", "")):
@@ -346,8 +361,28 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
 # ----------------------------------------------------------------------------- post-processing
 
 
+def learn_whitening(database: Any, queries: Any, *, learn_on: str = "database") -> Any:
+    """The PCA-whitening of ``postprocess``, learned on L2-normalised ``learn_on`` descriptors.
+
+    Learned once per row and shared by every dimension of a sweep (``dim`` only keeps the
+    first components of the same PCA).
+    """
+    if learn_on not in LEARN_ON:
+        raise ValueError(f"whitening.learn_on={learn_on!r}; expected one of {LEARN_ON}")
+    db = whitening.l2_normalize(jnp.asarray(database, jnp.float32))
+    if learn_on == "database":
+        return whitening.learn_pca(db)
+    q = whitening.l2_normalize(jnp.asarray(queries, jnp.float32))
+    return whitening.learn_pca(jnp.concatenate([db, q]))
+
+
 def postprocess(
-    database: Any, queries: Any, *, dim: int | None, learn_on: str = "database"
+    database: Any,
+    queries: Any,
+    *,
+    dim: int | None,
+    learn_on: str = "database",
+    pca: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """L2 -> PCA-whitening (``dim`` components, learned on ``learn_on``) -> L2.
 
@@ -356,6 +391,8 @@ def postprocess(
       queries: ``[Q, D]`` descriptors.
       dim: kept components, or ``None`` for no PCA (L2 only).
       learn_on: ``"database"`` or ``"database+queries"``.
+      pca: a ``whitening.PCAWhitening`` already learned by ``learn_whitening`` on the same
+        descriptors (a sweep learns it once); ``None``: learned here.
 
     Returns:
       ``(database [N, dim or D], queries [Q, dim or D])``, rows of unit norm.
@@ -368,16 +405,65 @@ def postprocess(
     )
     if dim is None:
         return db, q
-    train = db if learn_on == "database" else jnp.concatenate([db, q])
-    pca = whitening.learn_pca(train)
+    if pca is None:
+        pca = learn_whitening(db, q, learn_on=learn_on)
     components = int(pca.projection.shape[1])
     if dim > components:
+        n_learn = db.shape[0] + (q.shape[0] if learn_on != "database" else 0)
         raise ValueError(
             f"whitening.dim={dim} exceeds the {components} components of a PCA learned on "
-            f"{train.shape[0]} descriptors of size {train.shape[1]} ({learn_on}); "
+            f"{n_learn} descriptors of size {db.shape[1]} ({learn_on}); "
             f"expected a dim <= min(N, D) = {components}, or 'none'"
         )
     return whitening.apply(pca, db, dim=dim), whitening.apply(pca, q, dim=dim)
+
+
+class ShippedPCA(NamedTuple):
+    """The PCA an AP-GeM checkpoint ships (``"pca"`` variables) and its ``whiten`` flag."""
+
+    arrays: Mapping[str, Any]
+    whiten: bool
+
+
+def shipped_pca(config: Any, name: str) -> ShippedPCA:
+    """The PCA shipped with ``model_zoo[name]``'s converted file (AP-GeM), or a clear error."""
+    encoder = load_encoder(config, name)
+    if "pca" not in encoder.variables:
+        raise ValueError(
+            f"whitening.apgem='shipped' but model {name!r} "
+            f"({_zoo_entry(config, name).get('file')}) has no shipped PCA; convert the "
+            "checkpoint with its 'pca' entry or set --config.whitening.apgem=common"
+        )
+    return ShippedPCA(
+        dict(encoder.variables["pca"]), bool(encoder.architecture.get("pca_whiten", True))
+    )
+
+
+def postprocess_shipped(
+    database: Any, queries: Any, pca: ShippedPCA, *, dim: int | None
+) -> tuple[jax.Array, jax.Array]:
+    """AP-GeM as dirtorch's ``test_dir.py`` evaluates it: the shipped PCA, power 0.25, L2.
+
+    ``dim`` keeps the first components (``test_dir.py``'s ``--whitenv``; its default keeps all);
+    ``None``: L2 only.
+    """
+    db = whitening.l2_normalize(jnp.asarray(database, jnp.float32))
+    q = whitening.l2_normalize(jnp.asarray(queries, jnp.float32))
+    if dim is None:
+        return db, q
+    k = int(np.shape(pca.arrays["components"])[0])
+    if dim > k:
+        raise ValueError(f"whitening.dim={dim} exceeds the {k} components of the shipped PCA")
+    arrays = {
+        "mean": pca.arrays["mean"],
+        "components": pca.arrays["components"][:dim],
+        "explained_variance": pca.arrays["explained_variance"][:dim],
+    }
+    power = SHIPPED_PCA_POWER
+    return (
+        apgem.apply_pca(arrays, db, power=power, whiten=pca.whiten),
+        apgem.apply_pca(arrays, q, power=power, whiten=pca.whiten),
+    )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -402,6 +488,41 @@ def _row_descriptors(
     return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
 
 
+class RowResults(NamedTuple):
+    """What ``evaluate_row`` returns for one row (a model or an ensemble).
+
+    Attributes:
+      figures: ``{column key: {metric: percent}}``.
+      per_query: ``{column key: {mAP key: [AP percent or None per evaluated query]}}``.
+      queries: dataset indices of the evaluated queries (the order of ``per_query``).
+      example: the first column's top-10 of the first ``top`` queries, for the picture.
+      seconds: ``{"whitening", "ranking", "evaluation"}`` wall time.
+      chance: ``(metric, value)``: the headline metric of a random ranking, these queries.
+    """
+
+    figures: dict[str, dict[str, float]]
+    per_query: dict[str, dict[str, list[float | None]]]
+    queries: list[int]
+    example: dict[str, Any]
+    seconds: dict[str, float]
+    chance: tuple[str, float] | None
+
+
+def _example(dataset: Dataset, key: str, q_idx: np.ndarray, top10: np.ndarray, aps: Any) -> dict:
+    labels = metrics.label_results(top10, [dataset.gnd[i] for i in q_idx], dataset.protocol)
+    boxes = dataset.query_bbx
+    return {
+        "column": key,
+        "queries": q_idx.tolist(),
+        "query_paths": [dataset.query_paths[i] for i in q_idx],
+        "bbx": None if boxes is None else [boxes[i] for i in q_idx],
+        "ap": [None if np.isnan(a) else float(a) for a in aps],
+        "ranks": top10.tolist(),
+        "paths": [[dataset.db_paths[j] for j in row] for row in top10.tolist()],
+        "labels": labels,
+    }
+
+
 def evaluate_row(
     descriptors: Sequence[Descriptors],
     dataset: Dataset,
@@ -412,43 +533,65 @@ def evaluate_row(
     learn_on: str = "database",
     top: int = 0,
     mesh: Any = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    shipped: ShippedPCA | None = None,
+) -> RowResults:
     """Figures of one row (a model or an ensemble) for every whitening dim and column.
 
     Args:
       descriptors: the members' raw descriptors (one for a single model).
       dataset: the dataset (ground truth, protocol, database size).
-      dims: whitening dims (``None``: no PCA); columns: ranking column names.
+      dims: whitening dims (``None``: no PCA); the PCA is learned once for all of them.
+      columns: ranking column names.
       params: ranking parameters; learn_on: see ``postprocess``.
       top: queries whose top-10 lists are returned (for the report's picture).
       mesh: device mesh; with several devices the ranking runs sharded along N
         (``ranking.rank_columns(mesh=...)``).
+      shipped: AP-GeM's shipped PCA (``whitening.apgem="shipped"``) instead of the learned one.
 
     Returns:
-      ``({column key: {metric: percent}}, examples)``; column keys from ``column_key``;
-      ``examples`` holds the first column's top-10 database indices of the first ``top``
-      queries (``{"column", "queries", "ranks"}``).
+      ``RowResults``; column keys from ``column_key``.
     """
     db_raw, q_raw, db_kept, q_kept = _row_descriptors(descriptors)
     gnd = [dataset.gnd[i] for i in q_kept]
+    headline = metrics.headline_metric(dataset.protocol)
     sweep = len(dims) > 1
-    table: dict[str, dict[str, float]] = {}
-    examples: dict[str, Any] = {}
+    figures: dict[str, dict[str, float]] = {}
+    per_query: dict[str, dict[str, list[float | None]]] = {}
+    example: dict[str, Any] = {}
+    seconds = {"whitening": 0.0, "ranking": 0.0, "evaluation": 0.0}
+    pca = None
     for dim in dims:
-        db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on)
-        for col, r in ranking.rank_columns(q, db, params, columns, mesh=mesh).items():
+        t0 = time.perf_counter()
+        if shipped is not None:
+            db, q = postprocess_shipped(db_raw, q_raw, shipped, dim=dim)
+        else:
+            if dim is not None and pca is None:  # once per row, whatever the number of dims
+                pca = learn_whitening(db_raw, q_raw, learn_on=learn_on)
+            db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on, pca=pca)
+        db, q = jax.block_until_ready((db, q))
+        t1 = time.perf_counter()
+        ranks = jax.block_until_ready(ranking.rank_columns(q, db, params, columns, mesh=mesh))
+        t2 = time.perf_counter()
+        for col, r in ranks.items():
             key = column_key(col, dim, sweep=sweep, columns=len(columns))
             full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
-            table[key] = metrics.evaluate(
+            figures[key], aps = metrics.evaluate_queries(
                 full, gnd, dataset.protocol, num_database=len(dataset.db_paths)
             )
-            if not examples:
-                examples = {
-                    "column": key,
-                    "queries": q_kept[:top].tolist(),
-                    "ranks": full[:top, :10].tolist(),
-                }
-    return table, examples
+            per_query[key] = {
+                m: [None if np.isnan(a) else float(a) for a in v] for m, v in aps.items()
+            }
+            if not example and top > 0:
+                example = _example(dataset, key, q_kept[:top], full[:top, :10], aps[headline][:top])
+        seconds["whitening"] += t1 - t0
+        seconds["ranking"] += t2 - t1
+        seconds["evaluation"] += time.perf_counter() - t2
+    try:
+        chance = metrics.chance_level(gnd, dataset.protocol, len(dataset.db_paths))
+    except ValueError as e:  # no query with positives
+        logging.warning("no chance level: %s", e)
+        chance = None
+    return RowResults(figures, per_query, q_kept.tolist(), example, seconds, chance)
 
 
 def _check_config(config: Any) -> None:
@@ -459,6 +602,9 @@ def _check_config(config: Any) -> None:
         )
     if config.whitening.learn_on not in LEARN_ON:
         raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
+    apgem_mode = config.whitening.get("apgem", "common")
+    if apgem_mode not in APGEM_MODES:
+        raise ValueError(f"whitening.apgem={apgem_mode!r}; expected one of {APGEM_MODES}")
     if config.bn.mode not in BN_MODES:
         raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
     for _, members in parse_models(config.models):
@@ -466,12 +612,46 @@ def _check_config(config: Any) -> None:
             _zoo_entry(config, m)
 
 
-def run(config: Any) -> dict[str, Any]:
-    """Runs the experiment of ``config`` (see ``configs/common.py``) and reports it.
+def _uses_shipped_pca(config: Any, members: Sequence[str]) -> bool:
+    """Whether a row is whitened with its shipped PCA: a single model with its own head."""
+    own_head = _zoo_entry(config, members[0]).get("pooling") == "model"
+    return len(members) == 1 and own_head and config.whitening.get("apgem", "common") == "shipped"
+
+
+def _choices(config: Any, rows: Sequence[tuple[str, tuple[str, ...]]], dims: Sequence) -> dict:
+    """The open choices of the procedure, as the report states them."""
+    bn = config.bn
+    images = "database images" if bn.images == "database" else "database then query images"
+    choices: dict[str, Any] = {
+        "bn": {
+            "mode": bn.mode,
+            "momentum": bn.momentum if bn.mode == "pytorch" else None,
+            "batch_size": bn.batch_size,
+            "images": images,
+            "order": "the dataset's list order (no shuffling; the last batch may be smaller)",
+        },
+        "whitening": (
+            f"PCA learned on the {config.whitening.learn_on} descriptors (float64), "
+            f"dims {[NO_PCA if d is None else d for d in dims]}"
+        ),
+    }
+    own_head = [r for r, m in rows if _zoo_entry(config, m[0]).get("pooling") == "model"]
+    if own_head:
+        choices["apgem"] = (
+            "the checkpoint's shipped PCA as dirtorch's test_dir.py applies it (power "
+            f"{SHIPPED_PCA_POWER}, L2)"
+            if config.whitening.get("apgem", "common") == "shipped"
+            else "the paper's common pipeline (L2, PCA-whitening learned like every other row, "
+            "L2); its shipped PCA unused"
+        )
+    return choices
+
+
+def run(config: Any) -> Results:
+    """Runs the experiment of ``config`` (see ``configs/common.py``); writes no report.
 
     Returns:
-      The results dict described in the module docstring (also written by
-      ``jretrieval.report`` under ``config.output.dir`` or ``<workdir>/results``).
+      A ``jretrieval.results.Results`` (``jretrieval.report.run`` writes it).
     """
     start = time.perf_counter()
     distributed.initialize(bool(config.get("distributed", {}).get("multihost", False)))
@@ -492,41 +672,40 @@ def run(config: Any) -> dict[str, Any]:
     keys = [
         column_key(c, d, sweep=len(dims) > 1, columns=len(columns)) for d in dims for c in columns
     ]
-    results: dict[str, Any] = {
-        "dataset": dataset.name,
-        "protocol": dataset.protocol,
-        "table": config.get("table", "table1"),
-        "models": {},
-        "labels": {},
-        "columns": keys,
-        "metrics": shown,
-        "dims": list(dims),
-        "column_dims": dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
-        "settings": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "notes": [str(config.output.note)] if config.output.get("note") else [],
-        "skipped": {},
-        "timings": {"models": {}, "rows": {}},
-        "stores": {},
-        "examples": {},
-        "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
-    }
+    results = Results(
+        dataset=dataset.name,
+        protocol=dataset.protocol,
+        table=config.get("table", "table1"),
+        models={},
+        columns=keys,
+        metrics=shown,
+        dims=list(dims),
+        column_dims=dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
+        choices=_choices(config, rows, dims),
+        settings=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        notes=[str(config.output.note)] if config.output.get("note") else [],
+        timings={"models": {}, "rows": {}},
+        sizes={"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
+        provenance=results_lib.provenance(),
+    )
     cache: dict[str, Descriptors] = {}
     for row, members in rows:
         for m in members:
             if m in cache:
                 continue
             cache[m] = describe(config, m, dataset, mesh=mesh)
-            results["timings"]["models"][m] = cache[m].info["seconds"]
-            results["stores"][m] = cache[m].info["stores"]
+            results.timings["models"][m] = cache[m].info["seconds"]
+            results.stores[m] = cache[m].info["stores"]
             if cache[m].info["skipped"]:
-                results["skipped"][m] = cache[m].info["skipped"]
+                results.skipped[m] = cache[m].info["skipped"]
             spec = _zoo_entry(config, m)
             if not spec.get("file"):
-                results["notes"].append(
+                results.notes.append(
                     f"{m}: randomly initialised weights (seed {spec['seed']}), not trained"
                 )
         t0 = time.perf_counter()
-        table, examples = evaluate_row(
+        shipped = shipped_pca(config, members[0]) if _uses_shipped_pca(config, members) else None
+        out = evaluate_row(
             [cache[m] for m in members],
             dataset,
             dims=dims,
@@ -535,20 +714,17 @@ def run(config: Any) -> dict[str, Any]:
             learn_on=config.whitening.learn_on,
             top=config.output.top10_queries,
             mesh=mesh,
+            shipped=shipped,
         )
-        results["models"][row] = table
-        results["examples"][row] = examples
-        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
-        results["timings"]["rows"][row] = time.perf_counter() - t0
-        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
-    results["timings"]["total"] = time.perf_counter() - start
-    if distributed.is_main_process():  # every process computed the same; one writes
-        _write_report(config, dataset, results)
+        results.models[row] = out.figures
+        results.per_query[row] = out.per_query
+        results.queries[row] = out.queries
+        if out.example:
+            results.examples[row] = out.example
+        if out.chance is not None and results.chance is None:
+            results.chance = {"metric": out.chance[0], "value": out.chance[1]}
+        results.labels[row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
+        results.timings["rows"][row] = {**out.seconds, "total": time.perf_counter() - t0}
+        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in out.figures.items()})
+    results.timings["total"] = time.perf_counter() - start
     return results
-
-
-def _write_report(config: Any, dataset: Dataset, results: dict[str, Any]) -> None:
-    from jretrieval import report
-
-    out = config.output.dir or os.path.join(config.workdir, "results")
-    report.write(results, out, dataset=dataset, config=config)

@@ -5,7 +5,7 @@ r"""Command line: run one experiment config and print its table.
         --config.whitening.dim=256
 
 Every config field can be overridden with ``--config.<section>.<field>=<value>``; a misspelt
-field is an error (``lock_config=True``). The work is done by ``jretrieval.experiment.run``.
+field is an error (``lock_config=True``). The work is done by ``jretrieval.report.run``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jretrieval import experiment
+from jretrieval import report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -44,9 +44,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     logging.info("config:\n%s", config)
-    results = experiment.run(config)
-    summary = results.get("summary") or _plain_table(results)
-    sys.stdout.write(summary + "\n")
+    results = report.run(config)  # runs the experiment, writes its report on process 0
+    sys.stdout.write(report.summary(results) + "\n")
 
 
 def _plain_table(results: dict) -> str:
