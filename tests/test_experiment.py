@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from jretrieval import diffusion, experiment, metrics, report, whitening
+from jretrieval import diffusion, evaluation, experiment, metrics, report, whitening
 from tests.helpers import DIFF, N_DISTRACTORS, N_INSTANCES, N_VIEWS, make_config, make_dataset
 
 # ----------------------------------------------------------------------------- references
@@ -284,9 +284,9 @@ def test_parse_models_and_column_keys():
         experiment.parse_models(("a", "a"))
     with pytest.raises(ValueError, match="a\\+b"):
         experiment.parse_models(("a+",))
-    assert experiment.column_key("G", 512, sweep=False, columns=8) == "G"
-    assert experiment.column_key("G", None, sweep=True, columns=1) == "True dim."
-    assert experiment.column_key("G+AQE", 64, sweep=True, columns=2) == "G+AQE @ 64"
+    assert evaluation.column_key("G", 512, sweep=False, columns=8) == "G"
+    assert evaluation.column_key("G", None, sweep=True, columns=1) == "True dim."
+    assert evaluation.column_key("G+AQE", 64, sweep=True, columns=2) == "G+AQE @ 64"
 
 
 def test_parse_dims():
@@ -304,7 +304,7 @@ def test_shipped_pca_is_dirtorch_whitening():
     rng = np.random.default_rng(0)
     db, q = rng.standard_normal((30, 12)), rng.standard_normal((4, 12))
     comps = np.linalg.qr(rng.standard_normal((12, 12)))[0][:10]
-    pca = experiment.ShippedPCA(
+    pca = evaluation.ShippedPCA(
         {
             "mean": rng.standard_normal(12) * 0.1,
             "components": comps,
@@ -313,7 +313,7 @@ def test_shipped_pca_is_dirtorch_whitening():
         whiten=True,
     )
     for dim in (10, 6):
-        got_db, got_q = experiment.postprocess_shipped(db, q, pca, dim=dim)
+        got_db, got_q = evaluation.postprocess_shipped(db, q, pca, dim=dim)
         for x, got in ((db, got_db), (q, got_q)):
             y = (
                 (l2(x) - pca.arrays["mean"])
@@ -321,7 +321,7 @@ def test_shipped_pca_is_dirtorch_whitening():
                 / pca.arrays["explained_variance"][:dim] ** 0.25
             )
             np.testing.assert_allclose(np.asarray(got), l2(y), atol=1e-5)
-    got_db, _ = experiment.postprocess_shipped(db, q, pca, dim=None)
+    got_db, _ = evaluation.postprocess_shipped(db, q, pca, dim=None)
     np.testing.assert_allclose(np.asarray(got_db), l2(db), atol=1e-6)
     with pytest.raises(ValueError, match="exceeds the 10 components of the shipped PCA"):
-        experiment.postprocess_shipped(db, q, pca, dim=11)
+        evaluation.postprocess_shipped(db, q, pca, dim=11)
