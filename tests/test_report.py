@@ -143,6 +143,11 @@ def test_bad_results_are_named():
         tables.tables({"dataset": "x", "models": {"a": {"G": {"mAP": "high"}}}})
     with pytest.raises(ValueError, match="metric"):
         tables.tables({"dataset": "x", "models": {"a": {"G": 3.0}}})
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        Results.from_dict({"dataset": "x", "models": {}, "bogus": 1})
+    with pytest.raises(ValueError, match="not a results.json"):
+        path = os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")
+        results_files.read_results(path)
 
 
 def test_write_report_round_trips_json_and_csv(tmp_path):
