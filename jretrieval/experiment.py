@@ -50,11 +50,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, evaluation, metrics, models, ranking
+from jretrieval import distributed, evaluation, metrics, models, preflight, ranking
 from jretrieval import extract as extract_lib
 from jretrieval import results as results_lib
 from jretrieval import store as store_lib
-from jretrieval.datasets import Dataset, load_dataset
+from jretrieval.datasets import Dataset, load_dataset, require_ground_truth
 from jretrieval.datasets import images as images_lib
 from jretrieval.evaluation import LEARN_ON, NO_PCA, SHIPPED_PCA_POWER, Descriptors, ShippedPCA
 from jretrieval.results import Results
@@ -159,11 +159,7 @@ def load_data(config: Any) -> Dataset:
             )
         demo.build_demo_dataset(data.root, **_as_dict(data.get("demo_kwargs", {})))
     dataset = load_dataset(data.name, data.root, **kwargs)
-    if not dataset.query_paths or dataset.protocol is None:
-        raise ValueError(
-            f"dataset {data.name!r} has no queries/ground truth; the experiment needs one of "
-            "oxford5k, paris6k, roxford5k, rparis6k, instre (or the demo)"
-        )
+    require_ground_truth(dataset)
     return dataset
 
 
@@ -185,7 +181,7 @@ def load_encoder(config: Any, name: str) -> models.Encoder:
                 f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
                 "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
             )
-        return models.load(path)
+        return models.load(path, expected=spec.get("architecture"))  # the zoo's architecture
     if spec.get("architecture"):
         logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", name, spec["seed"])
         return models.init_encoder(_as_dict(spec["architecture"]), seed=int(spec["seed"]))
@@ -261,6 +257,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     start = time.perf_counter()
     spec = _zoo_entry(config, name)
     encoder = load_encoder(config, name)
+    provenance = models.provenance(encoder)  # architecture and weight digests, for results
     t_load = time.perf_counter()
     encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
@@ -308,6 +305,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         info["stores"][part] = store
         info["skipped"] += [(part, p, m) for p, m in report["skipped"]]
     info["seconds"].update(load=t_load - start, bn=t_bn - t_load)
+    info["encoder"] = provenance
     logging.info(
         "model %s: descriptors %s (%.1fs)",
         name,
@@ -407,6 +405,7 @@ def run(config: Any) -> Results:
     params = ranking.params_from_config(config)
     _check_config(config)
     dataset = load_data(config)
+    preflight.check(config, dataset, rows=rows, dims=dims)  # before the hours of work
     shown = list(config.eval.metrics or metrics.PROTOCOLS[dataset.protocol])
     unknown = [m for m in shown if m not in metrics.PROTOCOLS[dataset.protocol]]
     if unknown:
@@ -443,6 +442,7 @@ def run(config: Any) -> Results:
             cache[m] = describe(config, m, dataset, mesh=mesh)
             results.timings["models"][m] = cache[m].info["seconds"]
             results.stores[m] = cache[m].info["stores"]
+            results.encoders[m] = cache[m].info["encoder"]
             if cache[m].info["skipped"]:
                 results.skipped[m] = cache[m].info["skipped"]
             spec = _zoo_entry(config, m)

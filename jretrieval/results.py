@@ -58,6 +58,7 @@ class Results:
       skipped: ``{model: [(part, path, why)]}`` unreadable images left out.
       timings: ``{"models": {model: {stage: s}}, "rows": {row: {stage: s}}, "total": s}``.
       stores: ``{model: {part: descriptor store path}}``.
+      encoders: ``{model: jretrieval.models.provenance(encoder)}`` (architecture, weight digests).
       examples: ``{row: {"column", "queries", "query_paths", "bbx", "ap", "ranks", "paths",
         "labels"}}``: the top-10 results of a few queries for the picture (see
         ``jretrieval.pictures.plot_top_results``).
@@ -85,6 +86,7 @@ class Results:
     skipped: dict[str, list] = dataclasses.field(default_factory=dict)
     timings: dict[str, Any] = dataclasses.field(default_factory=dict)
     stores: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    encoders: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     examples: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
