@@ -259,7 +259,7 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
     bfloat16, and float32 on inputs with +-1 grey level of noise (two seeds; the size of
     perturbation the ranking must tolerate anyway), for each BN mode in ``bn_modes``."""
     from configs import demo
-    from jretrieval import experiment, ranking
+    from jretrieval import evaluation, experiment, ranking
     from jretrieval import extract as extract_lib
     from jretrieval.datasets import images as images_lib
 
@@ -298,10 +298,10 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
                     desc=f"demo {bn} {name}",
                 )
                 out.append((desc, np.asarray(report["kept"], np.int64)))
-            desc = experiment.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
-            table, _ = experiment.evaluate_row(
+            desc = evaluation.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
+            table = evaluation.evaluate_row(
                 [desc], dataset, dims=dims, columns=list(config.ranking.columns), params=params
-            )
+            ).figures
             base = desc if base is None else base
             a, b = base.database.astype(np.float64), desc.database.astype(np.float64)
             cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -23,7 +23,9 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
   (encoder compute dtype, ``float32`` or ``bfloat16``; ``--config.extraction.dtype=bfloat16``).
 - ``pooling``: ``name`` (rmac, mac, spoc, gem) and its ``levels`` / ``p``.
 - ``whitening``: ``dim`` (512; ``"none"`` = no PCA, the "True dim." of Table 3; a tuple sweeps),
-  ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors).
+  ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors),
+  ``apgem`` (``"common"`` | ``"shipped"``: AP-GeM whitened like the others or with the PCA in
+  its checkpoint).
 - ``ranking``: ``columns`` (Table 1's, see ``jretrieval.ranking``) and the AQE/DBA neighbours.
 - ``diffusion``: Yang et al. 2019 parameters (``jretrieval.diffusion.rank``).
 - ``distributed``: ``multihost`` (``jax.distributed.initialize()`` for multi-process jobs: TPU
@@ -38,41 +40,26 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from jretrieval import paper
+
+# The paper's vocabulary is defined once, in jretrieval.paper; these names are what the configs
+# in this folder use.
 #: Table 1's columns, in the paper's order.
-COLUMNS = (
-    "G",
-    "G+AQE",
-    "G+DFS",
-    "G+DBA",
-    "G+AQE+DFS",
-    "G+DBA+AQE",
-    "G+DBA+DFS",
-    "G+DBA+AQE+DFS",
-)
-
+COLUMNS = paper.COLUMNS
 #: single models of Tables 1 and 2, in the paper's row order (AP-GeM is listed last there).
-PAPER_MODELS = ("baseline", "simclr1x", "simclr2x", "simclr4x", "mocov1", "mocov2", "amdim")
+PAPER_MODELS = paper.SINGLE_MODELS
 #: the paper's ensembles (Tables 1 and 2): R-MAC concatenated, then PCA-whitened.
-PAPER_ENSEMBLES = (
-    "simclr2x+simclr4x",
-    "simclr2x+amdim",
-    "simclr2x+mocov2",
-    "simclr4x+mocov2",
-    "simclr4x+amdim",
-)
+PAPER_ENSEMBLES = paper.ENSEMBLES
 #: the fine-tuned upper bound (GeM pooling with its own head, Revaud et al. 2019).
-UPPER_BOUND = ("apgem",)
+UPPER_BOUND = paper.UPPER_BOUND
 #: every row of Tables 1 and 2, in the paper's order.
-TABLE1_ROWS = PAPER_MODELS + PAPER_ENSEMBLES + UPPER_BOUND
-
+TABLE1_ROWS = paper.ROWS
 #: Table 3's PCA dimensions; ``None`` is "True dim." (no PCA, L2 only).
-TABLE3_DIMS = (32, 64, 128, 256, 512, 1024, 2048, None)
-
+TABLE3_DIMS = paper.TABLE3_DIMS
 #: metrics of Table 2 (revisited protocol).
-TABLE2_METRICS = tuple(f"{s}/{m}" for s in "EMH" for m in ("mAP", "mP@5", "mP@10"))
-
+TABLE2_METRICS = paper.TABLE2_METRICS
 #: the paper's datasets (keys of ``jretrieval.datasets.DATASETS``).
-DATASETS = ("oxford5k", "paris6k", "roxford5k", "rparis6k", "instre")
+DATASETS = paper.DATASETS
 
 
 def _model(label: str, file: str | None, **kw) -> dict:
@@ -91,20 +78,24 @@ def _model(label: str, file: str | None, **kw) -> dict:
 def model_zoo() -> ml_collections.ConfigDict:
     """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
     zoo = {
-        "baseline": _model("Baseline", "baseline.h5"),
-        "simclr1x": _model("SimClr1x", "simclr1x.h5"),
-        "simclr2x": _model("SimClr2x", "simclr2x.h5"),
-        "simclr4x": _model("SimClr4x", "simclr4x.h5"),
-        "mocov1": _model("MoCov1", "mocov1.h5"),
-        "mocov2": _model("MoCov2", "mocov2.h5"),
+        "baseline": _model(paper.LABELS["baseline"], "baseline.h5"),
+        "simclr1x": _model(paper.LABELS["simclr1x"], "simclr1x.h5"),
+        "simclr2x": _model(paper.LABELS["simclr2x"], "simclr2x.h5"),
+        "simclr4x": _model(paper.LABELS["simclr4x"], "simclr4x.h5"),
+        "mocov1": _model(paper.LABELS["mocov1"], "mocov1.h5"),
+        "mocov2": _model(paper.LABELS["mocov2"], "mocov2.h5"),
         # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
-        "amdim": _model("AmDim", "amdim.h5", map_size=(23, 23)),
+        "amdim": _model(
+            paper.LABELS["amdim"], "amdim.h5", map_size=paper.SETTINGS["amdim_map_size"]
+        ),
         # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
-        "apgem": _model("GeM (AP)", "apgem.h5", pooling="model"),
+        "apgem": _model(paper.LABELS["apgem"], "apgem.h5", pooling="model"),
         # Beyond the paper (bin/convert_checkpoints.sh converts them too).
         "resnet101": _model("ResNet-101", "resnet101.h5"),
         "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5"),
-        "amdim_large": _model("AmDim (large)", "amdim_large.h5", map_size=(23, 23)),
+        "amdim_large": _model(
+            "AmDim (large)", "amdim_large.h5", map_size=paper.SETTINGS["amdim_map_size"]
+        ),
         # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
         "random_resnet50": _model(
             "ResNet-50 (random weights)",
@@ -123,7 +114,7 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.workdir = f"runs/{dataset}"  # descriptor stores, BN statistics, results
     # Folder of converted encoders (`bin/convert_checkpoints.sh --out`); model_zoo files are in it.
     config.checkpoint_dir = "converted"
-    config.models = TABLE1_ROWS
+    config.models = paper.ROWS
     config.model_zoo = model_zoo()
 
     config.data = ml_collections.ConfigDict()
@@ -146,7 +137,9 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.bn.images = "database"  # database | database+queries
 
     config.extraction = ml_collections.ConfigDict()
-    config.extraction.policy = ml_collections.ConfigDict({"mode": "fixed", "size": 724})
+    config.extraction.policy = ml_collections.ConfigDict(
+        {"mode": "fixed", "size": paper.SETTINGS["image_size"]}
+    )
     config.extraction.batch_size = 8
     config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
     # Larger images are refused as possible decompression bombs (skipped with skip_corrupt).
@@ -158,21 +151,30 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
 
     config.pooling = ml_collections.ConfigDict()
     config.pooling.name = "rmac"
-    config.pooling.levels = 3  # rmac
+    config.pooling.levels = paper.SETTINGS["rmac_levels"]  # rmac
     config.pooling.p = 3.0  # gem
 
     config.whitening = ml_collections.ConfigDict()
     # int, "none" (no PCA: L2 only, Table 3's "True dim."), or a tuple of them (a sweep).
     config.whitening.dim = config_dict.placeholder(object)
-    config.whitening.dim = 512
+    config.whitening.dim = paper.DEFAULT_DIM
     config.whitening.learn_on = "database"  # database | database+queries
+    # GeM (AP), the upper-bound row: "common" (L2, PCA-whitening learned like every other row,
+    # L2) or "shipped" (the PCA in its checkpoint, as dirtorch's test_dir.py applies it).
+    # "common" by default: the paper applies one post-processing to every model (Sec. 4.1,
+    # "PCA dimension of 512 ... unless otherwise stated"), and its GeM (AP) figures (rOxford
+    # Medium 51.03, rParis Medium 37.36) lie far below those Revaud et al. (ICCV 2019) publish
+    # with the shipped PCA (in the 60s and near 80), so it most plausibly did not use that PCA.
+    config.whitening.apgem = "common"
 
     config.ranking = ml_collections.ConfigDict()
-    config.ranking.columns = COLUMNS
-    config.ranking.aqe_k = 10  # N
-    config.ranking.dba_k = 20  # N'
-    config.ranking.combined_aqe_k = 1  # N when AQE and DBA are combined (Gordo et al. 2017)
-    config.ranking.combined_dba_k = 20  # N' when combined
+    config.ranking.columns = paper.COLUMNS
+    config.ranking.aqe_k = paper.SETTINGS["aqe_k"]  # N
+    config.ranking.dba_k = paper.SETTINGS["dba_k"]  # N'
+    config.ranking.combined_aqe_k = paper.SETTINGS[
+        "combined_aqe_k"
+    ]  # N when AQE and DBA are combined (Gordo et al. 2017)
+    config.ranking.combined_dba_k = paper.SETTINGS["combined_dba_k"]  # N' when combined
     config.ranking.aqe_alpha = 0.0
     config.ranking.dba_alpha = 0.0
     config.ranking.block_size = 16384

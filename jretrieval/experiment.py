@@ -23,25 +23,21 @@ ensemble):
    L2 (``jretrieval.whitening.apply``). ``dim`` ``"none"`` (or ``None``) skips PCA: L2 only,
    Table 3's "True dim."; a tuple of dims sweeps them (Table 3).
 5. **Ranking**: every column of ``config.ranking.columns`` (``jretrieval.ranking``).
+   Steps 4-6 are ``jretrieval.evaluation.evaluate_row``.
 6. **Evaluation** with the dataset's protocol (``jretrieval.metrics.evaluate``).
 
+For a row whose model has its own head (AP-GeM, ``model_zoo[m].pooling == "model"``),
+``whitening.apgem`` chooses step 4: ``"common"`` (the paper's pipeline above, the default) or
+``"shipped"`` (the PCA in the checkpoint, as dirtorch's ``test_dir.py`` applies it).
+
 Unreadable images (``extraction.skip_corrupt=True``) are left out and listed in
-``results["skipped"]``: a skipped database image is absent from every ranking (it counts as a
-missed positive, never as a zero vector); a skipped query is left out of the means.
+``results.skipped``: a skipped database image is absent from every ranking (it counts as a
+missed positive, never as a zero vector); a skipped query is left out of the means and of the
+chance level.
 
-The results are a JSON-serialisable dict::
-
-    {"dataset": "oxford5k", "protocol": "classic", "table": "table1",
-     "models": {row: {column: {metric: value in percent}}},
-     "labels": {row: label}, "columns": [column keys in order], "metrics": [metric keys],
-     "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
-     "settings": config as a dict, "notes": [...], "skipped": {model: [(part, path, why)]},
-     "timings": {"models": {...}, "rows": {...}, "total": s}, "stores": {model: {part: path}},
-     "encoders": {model: models.provenance: architecture, weights_file, weights_sha256...},
-     "examples": {row: {"column", "queries", "ranks": top-10 database indices}},
-     "sizes": {"database": N, "queries": Q}}
-
-handed to ``jretrieval.report`` (tables like the paper's, JSON, CSV, plots) and returned.
+``run`` returns a ``jretrieval.results.Results`` (figures, per-query AP, the choices made,
+timings per stage, provenance) and writes nothing; ``jretrieval.report.run`` runs it and writes
+the report.
 """
 
 from __future__ import annotations
@@ -49,54 +45,35 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, metrics, models, preflight, ranking, whitening
+from jretrieval import distributed, evaluation, metrics, models, preflight, ranking
 from jretrieval import extract as extract_lib
+from jretrieval import results as results_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import Dataset, load_dataset, require_ground_truth
 from jretrieval.datasets import images as images_lib
+from jretrieval.evaluation import LEARN_ON, NO_PCA, SHIPPED_PCA_POWER, Descriptors, ShippedPCA
+from jretrieval.results import Results
 
 __all__ = [
-    "Descriptors",
-    "column_key",
+    "APGEM_MODES",
     "describe",
-    "evaluate_row",
     "load_data",
     "load_encoder",
     "parse_dims",
     "parse_models",
-    "postprocess",
     "recalibrate",
     "run",
+    "shipped_pca",
 ]
 
 BN_MODES = ("exact", "pytorch", "none")
-LEARN_ON = ("database", "database+queries")
-NO_PCA = "True dim."
-
-
-class Descriptors(NamedTuple):
-    """One model's raw (pooled, not normalised) descriptors of a dataset.
-
-    Attributes:
-      database: float32 ``[N_kept, C]`` rows for ``dataset.db_paths[db_kept]``.
-      queries: float32 ``[Q_kept, C]`` rows for ``dataset.query_paths[q_kept]``.
-      db_kept: int64 ``[N_kept]`` indices of the database images described.
-      q_kept: int64 ``[Q_kept]`` indices of the queries described.
-      info: stores, timings and skipped images.
-    """
-
-    database: np.ndarray
-    queries: np.ndarray
-    db_kept: np.ndarray
-    q_kept: np.ndarray
-    info: dict[str, Any]
+#: ``whitening.apgem``: how rows with their own head (AP-GeM) are post-processed.
+APGEM_MODES = ("common", "shipped")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -133,8 +110,14 @@ def parse_models(models_field: Sequence[str] | str) -> list[tuple[str, tuple[str
 
 
 def parse_dims(dim: Any) -> tuple[int | None, ...]:
-    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA)."""
-    values = dim if isinstance(dim, (list, tuple)) else [dim]
+    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA).
+
+    Accepts an int, ``None``/``"none"``, a tuple of them, or a comma-separated string as the
+    command line gives it (``--config.whitening.dim=16,32,64,none``).
+    """
+    values: list[Any] = []
+    for v in dim if isinstance(dim, (list, tuple)) else [dim]:
+        values += [part.strip() for part in v.split(",")] if isinstance(v, str) else [v]
     out: list[int | None] = []
     for v in values:
         if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "true", "")):
@@ -154,14 +137,6 @@ def parse_dims(dim: Any) -> tuple[int | None, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"whitening.dim={dim!r} repeats a dimension")
     return tuple(out)
-
-
-def column_key(column: str, dim: int | None, *, sweep: bool, columns: int) -> str:
-    """Name of a result column: the ranking column, the dim of a sweep, or both."""
-    dim_name = NO_PCA if dim is None else str(dim)
-    if not sweep:
-        return column
-    return dim_name if columns == 1 else f"{column} @ {dim_name}"
 
 
 # ----------------------------------------------------------------------------- data, encoders
@@ -342,112 +317,24 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     )
 
 
-# ----------------------------------------------------------------------------- post-processing
+# ----------------------------------------------------------------------------- AP-GeM
 
 
-def postprocess(
-    database: Any, queries: Any, *, dim: int | None, learn_on: str = "database"
-) -> tuple[jax.Array, jax.Array]:
-    """L2 -> PCA-whitening (``dim`` components, learned on ``learn_on``) -> L2.
-
-    Args:
-      database: ``[N, D]`` descriptors (already L2-normalised per member for ensembles).
-      queries: ``[Q, D]`` descriptors.
-      dim: kept components, or ``None`` for no PCA (L2 only).
-      learn_on: ``"database"`` or ``"database+queries"``.
-
-    Returns:
-      ``(database [N, dim or D], queries [Q, dim or D])``, rows of unit norm.
-    """
-    if learn_on not in LEARN_ON:
-        raise ValueError(f"whitening.learn_on={learn_on!r}; expected one of {LEARN_ON}")
-    db, q = (
-        whitening.l2_normalize(jnp.asarray(database, jnp.float32)),
-        whitening.l2_normalize(jnp.asarray(queries, jnp.float32)),
-    )
-    if dim is None:
-        return db, q
-    train = db if learn_on == "database" else jnp.concatenate([db, q])
-    pca = whitening.learn_pca(train)
-    components = int(pca.projection.shape[1])
-    if dim > components:
+def shipped_pca(config: Any, name: str) -> ShippedPCA:
+    """The PCA shipped with ``model_zoo[name]``'s converted file (AP-GeM), or a clear error."""
+    encoder = load_encoder(config, name)
+    if "pca" not in encoder.variables:
         raise ValueError(
-            f"whitening.dim={dim} exceeds the {components} components of a PCA learned on "
-            f"{train.shape[0]} descriptors of size {train.shape[1]} ({learn_on}); "
-            f"expected a dim <= min(N, D) = {components}, or 'none'"
+            f"whitening.apgem='shipped' but model {name!r} "
+            f"({_zoo_entry(config, name).get('file')}) has no shipped PCA; convert the "
+            "checkpoint with its 'pca' entry or set --config.whitening.apgem=common"
         )
-    return whitening.apply(pca, db, dim=dim), whitening.apply(pca, q, dim=dim)
+    return ShippedPCA(
+        dict(encoder.variables["pca"]), bool(encoder.architecture.get("pca_whiten", True))
+    )
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def _row_descriptors(
-    rows: Descriptors | Sequence[Descriptors],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenated, per-member L2-normalised descriptors over the images all members kept."""
-    members = [rows] if isinstance(rows, Descriptors) else list(rows)
-    db_kept = members[0].db_kept
-    q_kept = members[0].q_kept
-    for m in members[1:]:
-        db_kept = np.intersect1d(db_kept, m.db_kept)
-        q_kept = np.intersect1d(q_kept, m.q_kept)
-    db_parts, q_parts = [], []
-    for m in members:
-        db_rows = np.searchsorted(m.db_kept, db_kept)
-        q_rows = np.searchsorted(m.q_kept, q_kept)
-        db_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.database[db_rows]))))
-        q_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.queries[q_rows]))))
-    return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
-
-
-def evaluate_row(
-    descriptors: Sequence[Descriptors],
-    dataset: Dataset,
-    *,
-    dims: Sequence[int | None],
-    columns: Sequence[str],
-    params: ranking.RankingParams,
-    learn_on: str = "database",
-    top: int = 0,
-    mesh: Any = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Figures of one row (a model or an ensemble) for every whitening dim and column.
-
-    Args:
-      descriptors: the members' raw descriptors (one for a single model).
-      dataset: the dataset (ground truth, protocol, database size).
-      dims: whitening dims (``None``: no PCA); columns: ranking column names.
-      params: ranking parameters; learn_on: see ``postprocess``.
-      top: queries whose top-10 lists are returned (for the report's picture).
-      mesh: device mesh; with several devices the ranking runs sharded along N
-        (``ranking.rank_columns(mesh=...)``).
-
-    Returns:
-      ``({column key: {metric: percent}}, examples)``; column keys from ``column_key``;
-      ``examples`` holds the first column's top-10 database indices of the first ``top``
-      queries (``{"column", "queries", "ranks"}``).
-    """
-    db_raw, q_raw, db_kept, q_kept = _row_descriptors(descriptors)
-    gnd = [dataset.gnd[i] for i in q_kept]
-    sweep = len(dims) > 1
-    table: dict[str, dict[str, float]] = {}
-    examples: dict[str, Any] = {}
-    for dim in dims:
-        db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on)
-        for col, r in ranking.rank_columns(q, db, params, columns, mesh=mesh).items():
-            key = column_key(col, dim, sweep=sweep, columns=len(columns))
-            full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
-            table[key] = metrics.evaluate(
-                full, gnd, dataset.protocol, num_database=len(dataset.db_paths)
-            )
-            if not examples:
-                examples = {
-                    "column": key,
-                    "queries": q_kept[:top].tolist(),
-                    "ranks": full[:top, :10].tolist(),
-                }
-    return table, examples
 
 
 def _check_config(config: Any) -> None:
@@ -458,6 +345,9 @@ def _check_config(config: Any) -> None:
         )
     if config.whitening.learn_on not in LEARN_ON:
         raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
+    apgem_mode = config.whitening.get("apgem", "common")
+    if apgem_mode not in APGEM_MODES:
+        raise ValueError(f"whitening.apgem={apgem_mode!r}; expected one of {APGEM_MODES}")
     if config.bn.mode not in BN_MODES:
         raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
     for _, members in parse_models(config.models):
@@ -465,12 +355,46 @@ def _check_config(config: Any) -> None:
             _zoo_entry(config, m)
 
 
-def run(config: Any) -> dict[str, Any]:
-    """Runs the experiment of ``config`` (see ``configs/common.py``) and reports it.
+def _uses_shipped_pca(config: Any, members: Sequence[str]) -> bool:
+    """Whether a row is whitened with its shipped PCA: a single model with its own head."""
+    own_head = _zoo_entry(config, members[0]).get("pooling") == "model"
+    return len(members) == 1 and own_head and config.whitening.get("apgem", "common") == "shipped"
+
+
+def _choices(config: Any, rows: Sequence[tuple[str, tuple[str, ...]]], dims: Sequence) -> dict:
+    """The open choices of the procedure, as the report states them."""
+    bn = config.bn
+    images = "database images" if bn.images == "database" else "database then query images"
+    choices: dict[str, Any] = {
+        "bn": {
+            "mode": bn.mode,
+            "momentum": bn.momentum if bn.mode == "pytorch" else None,
+            "batch_size": bn.batch_size,
+            "images": images,
+            "order": "the dataset's list order (no shuffling; the last batch may be smaller)",
+        },
+        "whitening": (
+            f"PCA learned on the {config.whitening.learn_on} descriptors (float64), "
+            f"dims {[NO_PCA if d is None else d for d in dims]}"
+        ),
+    }
+    own_head = [r for r, m in rows if _zoo_entry(config, m[0]).get("pooling") == "model"]
+    if own_head:
+        choices["apgem"] = (
+            "the checkpoint's shipped PCA as dirtorch's test_dir.py applies it (power "
+            f"{SHIPPED_PCA_POWER}, L2)"
+            if config.whitening.get("apgem", "common") == "shipped"
+            else "the paper's common pipeline (L2, PCA-whitening learned like every other row, "
+            "L2); its shipped PCA unused"
+        )
+    return choices
+
+
+def run(config: Any) -> Results:
+    """Runs the experiment of ``config`` (see ``configs/common.py``); writes no report.
 
     Returns:
-      The results dict described in the module docstring (also written by
-      ``jretrieval.report`` under ``config.output.dir`` or ``<workdir>/results``).
+      A ``jretrieval.results.Results`` (``jretrieval.report.run`` writes it).
     """
     start = time.perf_counter()
     distributed.initialize(bool(config.get("distributed", {}).get("multihost", False)))
@@ -490,45 +414,45 @@ def run(config: Any) -> dict[str, Any]:
             f"{metrics.PROTOCOLS[dataset.protocol]}"
         )
     keys = [
-        column_key(c, d, sweep=len(dims) > 1, columns=len(columns)) for d in dims for c in columns
+        evaluation.column_key(c, d, sweep=len(dims) > 1, columns=len(columns))
+        for d in dims
+        for c in columns
     ]
-    results: dict[str, Any] = {
-        "dataset": dataset.name,
-        "protocol": dataset.protocol,
-        "table": config.get("table", "table1"),
-        "models": {},
-        "labels": {},
-        "columns": keys,
-        "metrics": shown,
-        "dims": list(dims),
-        "column_dims": dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
-        "settings": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "notes": [str(config.output.note)] if config.output.get("note") else [],
-        "skipped": {},
-        "timings": {"models": {}, "rows": {}},
-        "stores": {},
-        "encoders": {},
-        "examples": {},
-        "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
-    }
+    results = Results(
+        dataset=dataset.name,
+        protocol=dataset.protocol,
+        table=config.get("table", "table1"),
+        models={},
+        columns=keys,
+        metrics=shown,
+        dims=list(dims),
+        column_dims=dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
+        choices=_choices(config, rows, dims),
+        settings=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        notes=[str(config.output.note)] if config.output.get("note") else [],
+        timings={"models": {}, "rows": {}},
+        sizes={"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
+        provenance=results_lib.provenance(),
+    )
     cache: dict[str, Descriptors] = {}
     for row, members in rows:
         for m in members:
             if m in cache:
                 continue
             cache[m] = describe(config, m, dataset, mesh=mesh)
-            results["timings"]["models"][m] = cache[m].info["seconds"]
-            results["stores"][m] = cache[m].info["stores"]
-            results["encoders"][m] = cache[m].info["encoder"]
+            results.timings["models"][m] = cache[m].info["seconds"]
+            results.stores[m] = cache[m].info["stores"]
+            results.encoders[m] = cache[m].info["encoder"]
             if cache[m].info["skipped"]:
-                results["skipped"][m] = cache[m].info["skipped"]
+                results.skipped[m] = cache[m].info["skipped"]
             spec = _zoo_entry(config, m)
             if not spec.get("file"):
-                results["notes"].append(
+                results.notes.append(
                     f"{m}: randomly initialised weights (seed {spec['seed']}), not trained"
                 )
         t0 = time.perf_counter()
-        table, examples = evaluate_row(
+        shipped = shipped_pca(config, members[0]) if _uses_shipped_pca(config, members) else None
+        out = evaluation.evaluate_row(
             [cache[m] for m in members],
             dataset,
             dims=dims,
@@ -537,20 +461,17 @@ def run(config: Any) -> dict[str, Any]:
             learn_on=config.whitening.learn_on,
             top=config.output.top10_queries,
             mesh=mesh,
+            shipped=shipped,
         )
-        results["models"][row] = table
-        results["examples"][row] = examples
-        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
-        results["timings"]["rows"][row] = time.perf_counter() - t0
-        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
-    results["timings"]["total"] = time.perf_counter() - start
-    if distributed.is_main_process():  # every process computed the same; one writes
-        _write_report(config, dataset, results)
+        results.models[row] = out.figures
+        results.per_query[row] = out.per_query
+        results.queries[row] = out.queries
+        if out.example:
+            results.examples[row] = out.example
+        if out.chance is not None and results.chance is None:
+            results.chance = {"metric": out.chance[0], "value": out.chance[1]}
+        results.labels[row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
+        results.timings["rows"][row] = {**out.seconds, "total": time.perf_counter() - t0}
+        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in out.figures.items()})
+    results.timings["total"] = time.perf_counter() - start
     return results
-
-
-def _write_report(config: Any, dataset: Dataset, results: dict[str, Any]) -> None:
-    from jretrieval import report
-
-    out = config.output.dir or os.path.join(config.workdir, "results")
-    report.write(results, out, dataset=dataset, config=config)

@@ -28,7 +28,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jretrieval import distributed, errors, experiment, progress
+from jretrieval import errors, experiment, progress, report
+from jretrieval import mesh as mesh_lib
 
 #: the repository this package lives in (a source checkout or an editable install).
 _PACKAGE_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,9 +51,19 @@ _DEBUG = flags.DEFINE_bool(
 )
 
 
-def run(config: Any) -> dict[str, Any]:
-    """Runs the experiment of ``config`` and writes its report; the one call ``main`` makes."""
-    return experiment.run(config)  # writes the report (jretrieval.report) on process 0
+def run(config: Any) -> Any:
+    """Runs the experiment of ``config``, prints its tables and writes its report (process 0).
+
+    The tables reach stdout before any file is written, so a read-only output folder loses
+    nothing that was computed.
+    """
+    results = experiment.run(config)
+    if mesh_lib.is_main_process():  # every process computed the same; one reports
+        sys.stdout.write(report.summary(results) + "\n")
+        sys.stdout.flush()
+        report.write(results, report.output_dir(config))
+        sys.stdout.write(f"results: {report.output_dir(config)}\n")
+    return results
 
 
 def main(argv: Sequence[str]) -> None:
@@ -62,19 +73,14 @@ def main(argv: Sequence[str]) -> None:
         config = _CONFIG.value
         resolve_paths(config, _config_base(_config_path()), typed=_typed_fields())
         logging.debug("config:\n%s", config)
-        distributed.initialize(bool(config.distributed.multihost))  # before any device query
+        mesh_lib.initialize(bool(config.distributed.multihost))  # before any device query
         log_devices()
         progress.log_compilations()
-        results = run(config)
+        run(config)
     except errors.USER_ERRORS as err:
         if _DEBUG.value or logging.get_verbosity() >= logging.DEBUG:
             raise
         fail(errors.message(err))
-    if distributed.is_main_process():
-        summary = results.get("summary") or _plain_table(results)
-        sys.stdout.write(summary + "\n")
-        out = config.output.dir or os.path.join(config.workdir, "results")
-        sys.stdout.write(f"results: {out}\n")
 
 
 def log_devices() -> None:
@@ -252,15 +258,6 @@ def _unquote(text: str) -> str:
     while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1].replace("\\'", "'").replace("\\n", "\n")
     return " ".join(text.replace("\\n", " ").split())
-
-
-def _plain_table(results: dict) -> str:
-    """A fallback text table (the report module writes the real ones)."""
-    lines = [f"{results['dataset']} ({results['protocol']})"]
-    for row, table in results["models"].items():
-        cells = [f"{col}: {vals[results['metrics'][0]]:.2f}" for col, vals in table.items()]
-        lines.append(f"{results['labels'][row]}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from jretrieval import experiment, models, preflight
+from jretrieval import experiment, models, preflight, report
 from jretrieval.datasets import images
 from tests.helpers import N_DISTRACTORS, N_INSTANCES, N_VIEWS, make_config, make_dataset
 
@@ -185,7 +185,7 @@ def test_results_record_architecture_and_weight_digest(data, tiny_zoo):
     arch = {"name": "tiny", "features": 32}
     path = _zoo_file(config, "tiny_file", arch, expected=arch)
     config.models = ("tiny_file", "tiny_a")
-    results = experiment.run(config)
+    results = report.run(config)  # runs the experiment and writes results.json
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     record = results["encoders"]["tiny_file"]
     assert record["architecture"] == arch and record["weights_sha256"] == digest
