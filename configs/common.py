@@ -62,6 +62,13 @@ TABLE2_METRICS = paper.TABLE2_METRICS
 DATASETS = paper.DATASETS
 
 
+#: the architecture each converted file must hold (``jretrieval.models.load(expected=)`` refuses
+#: another, naming both); for an entry without a file, the one initialised at random.
+R50 = {"name": "resnet", "depth": 50, "width": 1}
+R101 = {"name": "resnet", "depth": 101, "width": 1}
+AMDIM = {"name": "amdim", "ndf": 256, "n_rkhs": 2048, "n_depth": 10}
+
+
 def _model(label: str, file: str | None, **kw) -> dict:
     entry = {
         "label": label,
@@ -78,29 +85,44 @@ def _model(label: str, file: str | None, **kw) -> dict:
 def model_zoo() -> ml_collections.ConfigDict:
     """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
     zoo = {
-        "baseline": _model(paper.LABELS["baseline"], "baseline.h5"),
-        "simclr1x": _model(paper.LABELS["simclr1x"], "simclr1x.h5"),
-        "simclr2x": _model(paper.LABELS["simclr2x"], "simclr2x.h5"),
-        "simclr4x": _model(paper.LABELS["simclr4x"], "simclr4x.h5"),
-        "mocov1": _model(paper.LABELS["mocov1"], "mocov1.h5"),
-        "mocov2": _model(paper.LABELS["mocov2"], "mocov2.h5"),
+        "baseline": _model(paper.LABELS["baseline"], "baseline.h5", architecture=R50),
+        "simclr1x": _model(paper.LABELS["simclr1x"], "simclr1x.h5", architecture=R50),
+        "simclr2x": _model(
+            paper.LABELS["simclr2x"], "simclr2x.h5", architecture={**R50, "width": 2}
+        ),
+        "simclr4x": _model(
+            paper.LABELS["simclr4x"], "simclr4x.h5", architecture={**R50, "width": 4}
+        ),
+        "mocov1": _model(paper.LABELS["mocov1"], "mocov1.h5", architecture=R50),
+        "mocov2": _model(paper.LABELS["mocov2"], "mocov2.h5", architecture=R50),
         # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
         "amdim": _model(
-            paper.LABELS["amdim"], "amdim.h5", map_size=paper.SETTINGS["amdim_map_size"]
+            paper.LABELS["amdim"],
+            "amdim.h5",
+            architecture=AMDIM,
+            map_size=paper.SETTINGS["amdim_map_size"],
         ),
         # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
-        "apgem": _model(paper.LABELS["apgem"], "apgem.h5", pooling="model"),
+        "apgem": _model(
+            paper.LABELS["apgem"],
+            "apgem.h5",
+            architecture={"name": "apgem", "depth": 101},
+            pooling="model",
+        ),
         # Beyond the paper (bin/convert_checkpoints.sh converts them too).
-        "resnet101": _model("ResNet-101", "resnet101.h5"),
-        "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5"),
+        "resnet101": _model("ResNet-101", "resnet101.h5", architecture=R101),
+        "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5", architecture=R50),
         "amdim_large": _model(
-            "AmDim (large)", "amdim_large.h5", map_size=paper.SETTINGS["amdim_map_size"]
+            "AmDim (large)",
+            "amdim_large.h5",
+            architecture={**AMDIM, "ndf": 320, "n_rkhs": 2560},
+            map_size=paper.SETTINGS["amdim_map_size"],
         ),
         # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
         "random_resnet50": _model(
             "ResNet-50 (random weights)",
             None,
-            architecture={"name": "resnet", "depth": 50, "width": 1},
+            architecture=R50,
             seed=0,
         ),
     }
