@@ -39,7 +39,7 @@ statistics would not do: a BatchNorm's inputs in training mode depend on the ear
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -291,13 +291,17 @@ def _process_rows(b: int, mesh: Mesh) -> tuple[int, int]:
 
 
 def _global_batches(
-    paths: Sequence[str], plan: Sequence[tuple[Any, np.ndarray]], mesh: Mesh, **kwargs: Any
+    paths: Sequence[str],
+    plan: Sequence[tuple[Any, np.ndarray]],
+    mesh: Mesh,
+    loading: steps.Loading,
+    bbx: Sequence[Any] | None,
 ) -> Iterator[images_lib.Batch]:
     """The planned batches as global arrays: each process decodes only its rows."""
     axis = mesh_lib.axis_name(mesh)
     bounds = [_process_rows(len(idx), mesh) for _, idx in plan]
     local_plan = [(shape, idx[lo:hi]) for (shape, idx), (lo, hi) in zip(plan, bounds, strict=True)]
-    local = images_lib.iterate_batches(paths, plan=local_plan, batch_size=1, **kwargs)
+    local = loading.iterate(paths, bbx=bbx, plan=local_plan)
     for (_, idx), (lo, hi), batch in zip(plan, bounds, local, strict=True):
         counts = np.asarray(
             multihost_utils.process_allgather(np.asarray([len(batch.indices), hi - lo], np.int64))
@@ -323,42 +327,40 @@ def recalibrate_images(
     encoder: Any,
     paths: Sequence[str],
     *,
-    mesh: Mesh | None = None,
-    policy: images_lib.ResizePolicy | Mapping[str, Any],
-    batch_size: int = 16,
+    loading: steps.Loading,
     bbx: Sequence[Any] | None = None,
-    skip_corrupt: bool = False,
-    num_threads: int | None = None,
-    prefetch: int = 2,
+    mesh: Mesh | None = None,
     mode: str = "exact",
-    **kwargs: Any,
+    momentum: float | None = 0.1,
+    desc: str = "recalibrate BN",
 ) -> Any:
     """BN recalibration over the images ``paths``, data-parallel over ``mesh`` and processes.
+
+    Args:
+      encoder, mode, momentum, desc: as for ``recalibrate_bn``.
+      paths: ``N`` image paths; bbx: ``None`` or ``N`` crop boxes.
+      loading: decoding and batching (``steps.Loading``; its ``batch_size`` is the BN batch).
+      mesh: ``None`` or a device mesh (``jretrieval.mesh.make_mesh``).
 
     Every process computes the same batch plan (``images.plan_batches``: the single-process
     batches) and decodes only its rows of each batch; the batch is one global array sharded
     over all devices, so each BatchNorm's statistics are those of the global batch (all-reduced
     across processes) and the result equals one process's, in ``"exact"`` and ``"pytorch"``
     mode alike. A batch with an unreadable image or a size that is not a multiple of the device
-    count is gathered and computed replicated. Other keyword arguments (``momentum``) go to
-    ``recalibrate_bn``.
+    count is gathered and computed replicated.
     """
-    load_kw = dict(bbx=bbx, policy=policy, skip_corrupt=skip_corrupt, num_threads=num_threads,
-                   prefetch=prefetch)  # fmt: skip
+    kw = dict(mode=mode, momentum=momentum, total=len(paths), desc=desc)
     if jax.process_count() == 1:
-        batches = images_lib.iterate_batches(paths, batch_size=batch_size, **load_kw)
-        return recalibrate_bn(encoder, batches, mesh=mesh, mode=mode, total=len(paths), **kwargs)
+        return recalibrate_bn(encoder, loading.iterate(paths, bbx=bbx), mesh=mesh, **kw)
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
-    plan = images_lib.plan_batches(paths, bbx=bbx, policy=policy, batch_size=batch_size)
+    plan = images_lib.plan_batches(
+        paths, bbx=bbx, policy=loading.policy, batch_size=loading.batch_size
+    )
     variables = multihost_utils.host_local_array_to_global_array(
         jax.tree.map(np.asarray, encoder.variables), mesh, P()
     )
     out = recalibrate_bn(
-        _with_variables(encoder, variables),
-        _global_batches(paths, plan, mesh, **load_kw),
-        mode=mode,
-        total=len(paths),
-        **kwargs,
+        _with_variables(encoder, variables), _global_batches(paths, plan, mesh, loading, bbx), **kw
     )
     stats = jax.tree.map(mesh_lib.to_host, out.variables["batch_stats"])
     return _with_variables(encoder, {**encoder.variables, "batch_stats": stats})

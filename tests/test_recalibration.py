@@ -1,4 +1,4 @@
-"""Tests for jretrieval.extract.recalibrate_bn against PyTorch's BatchNorm behaviour.
+"""Tests for jretrieval.recalibration.recalibrate_bn against PyTorch's BatchNorm behaviour.
 
 A small CNN is written twice, in Flax (with the ``bn_momentum`` field the models carry) and in
 PyTorch, with the same weights. PyTorch in ``model.train()`` is the reference for ``"pytorch"``
