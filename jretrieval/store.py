@@ -75,12 +75,15 @@ class StoreWriteError(OSError):
 
     def __init__(self, path: str, err: BaseException) -> None:
         code = getattr(err, "errno", None)
-        super().__init__(
-            code or errno.EIO,
+        self.message = (
             f"could not write descriptor store {path}: {err}; free space (or lift the limit) and "
-            "rerun: the rows written so far are kept and the extraction resumes from them",
+            "rerun: the rows written so far are kept and the extraction resumes from them"
         )
+        super().__init__(code or errno.EIO, self.message)
         self.path = path
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @contextlib.contextmanager
