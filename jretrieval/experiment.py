@@ -587,4 +587,5 @@ def _write_report(config: Any, dataset: Dataset, results: dict[str, Any]) -> Non
     from jretrieval import report
 
     out = config.output.dir or os.path.join(config.workdir, "results")
-    report.write(results, out, dataset=dataset, config=config)
+    with files.writer_lock(os.path.join(out, "results"), what="results"):  # one run at a time
+        report.write(results, out, dataset=dataset, config=config)
