@@ -165,9 +165,9 @@ def extract(
     if store is not None and key is None:
         key = store_key(encoder, paths, ids=ids, bbx=bbx, loading=loading, pooling=pooling,
                         user=settings)  # fmt: skip
-    job = dict(loading=loading, pooling=pooling, bbx=bbx, ids=ids, desc=desc)
+    job = dict(loading=loading, bbx=bbx, ids=ids, desc=desc)
     if jax.process_count() > 1:
-        return _extract_multihost(encoder, paths, store=store, key=key, mesh=mesh, **job)
+        return _extract_multihost(encoder, paths, pooling, store=store, key=key, mesh=mesh, **job)
     local = None if mesh is None else mesh_lib.local_mesh(mesh)
     step = steps.make_step(encoder, pooling, mesh=local)
     return _extract(step, mesh_lib.mesh_size(local), paths, store=store, key=key, **job)
@@ -179,7 +179,6 @@ def _extract(
     paths: list[str],
     *,
     loading: Loading,
-    pooling: Pooling,
     bbx: Sequence[Any] | None,
     ids: list[str],
     store: str | None,
@@ -187,7 +186,6 @@ def _extract(
     desc: str,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The loop of one process, into an array or (under its writer lock) a store."""
-    del pooling  # in the step and the key
     start = time.perf_counter()
     report = {"store": store, "reused": False, "resumed": 0, "skipped": [], "shapes": []}
     if store is None:
@@ -318,12 +316,12 @@ def _finish(report: dict[str, Any], start: float, n: int) -> dict[str, Any]:
 def _extract_multihost(
     encoder: Any,
     paths: list[str],
+    pooling: Pooling,
     *,
     store: str | None,
     key: Mapping[str, Any] | None,
     mesh: Mesh | None,
     loading: Loading,
-    pooling: Pooling,
     bbx: Sequence[Any] | None,
     ids: list[str],
     desc: str,
@@ -334,15 +332,14 @@ def _extract_multihost(
     devices = mesh_lib.mesh_size(local)
     exists = store is not None and os.path.exists(store)
     exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
-    job = dict(loading=loading, pooling=pooling)
     if exists:
         if not os.path.exists(store):
             raise FileNotFoundError(
                 f"process {p}: descriptor store {store} exists on process 0 but not here; a "
                 "multi-host run needs the store on a filesystem every process sees"
             )
-        return _extract(step, devices, paths, bbx=bbx, ids=ids, store=store, key=key, desc=desc,
-                        **job)  # fmt: skip
+        return _extract(step, devices, paths, loading=loading, bbx=bbx, ids=ids, store=store,
+                        key=key, desc=desc)  # fmt: skip
     sl = mesh_lib.process_slice(len(paths))
     part = None if store is None else f"{store}.part{p}of{count}"
     rep: dict[str, Any] = {}
@@ -350,7 +347,7 @@ def _extract_multihost(
         part_key = None if key is None else {**key, "process_slice": [sl.start, sl.stop]}
         rows, rep = _extract(
             step, devices, paths[sl], bbx=None if bbx is None else bbx[sl], ids=ids[sl],
-            store=part, key=part_key, desc=f"{desc} [process {p}/{count}]", **job,
+            store=part, key=part_key, desc=f"{desc} [process {p}/{count}]", loading=loading,
         )  # fmt: skip
         kept = np.asarray(rep["kept"], np.int64) + sl.start
         skipped = [list(s) for s in rep["skipped"]]
