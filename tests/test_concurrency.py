@@ -277,13 +277,22 @@ def test_truncated_store_and_bn_file_are_moved_aside_and_rebuilt(data):
         assert [n for n in os.listdir(folder) if n.startswith(name + ".corrupt-")], path
 
 
-def test_files_get_the_users_umask(data):
+def test_files_get_the_users_umask_and_orphans_are_cleaned(data):
+    workdir = str(data / "run")
+    orphans = [
+        os.path.join(workdir, sub, f"{files.TEMP_PREFIX}killed.h5") for sub in ("bn", "descriptors")
+    ]
+    for path in orphans:  # a kill during a save, long ago
+        os.makedirs(os.path.dirname(path))
+        open(path, "w").close()
+        os.utime(path, (0, 0))
     umask = 0o027  # neither mkstemp's 0o600 nor the usual 0o644
     old = os.umask(umask)
     try:
         first, config = _describe(data)
     finally:
         os.umask(old)
+    assert config.workdir == workdir and not any(os.path.exists(p) for p in orphans)
     for path in [*_bn_files(config.workdir), *first.info["stores"].values()]:
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
 
