@@ -282,11 +282,12 @@ def recalibrate(
         )
         metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
         if mesh_lib.is_main_process():  # one writer when several processes run
-            os.makedirs(folder, exist_ok=True)
-            models.save(
-                path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata
-            )
-            files.apply_umask(path)
+            with store_lib.writing(path, what="BN statistics"):
+                os.makedirs(folder, exist_ok=True)
+                models.save(
+                    path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata
+                )
+                files.apply_umask(path)
     mesh_lib.sync(f"saved {path}")
     return encoder.replace(metadata=metadata)
 

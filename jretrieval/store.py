@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -56,6 +56,7 @@ __all__ = [
     "reuse",
     "settings_digest",
     "store_path",
+    "writing",
 ]
 
 FORMAT = 1
@@ -71,13 +72,18 @@ class StoreCorruptError(ValueError):
 
 
 class StoreWriteError(OSError):
-    """Writing a store failed (a full disk, a file size limit, an I/O error)."""
+    """Writing a cache file failed (a full disk, a file size limit, an I/O error)."""
 
-    def __init__(self, path: str, err: BaseException) -> None:
+    def __init__(self, path: str, err: BaseException, what: str = "descriptor store") -> None:
         code = getattr(err, "errno", None)
+        kept = (
+            "the rows written so far are kept and the extraction resumes from them"
+            if what == "descriptor store"
+            else "nothing was written under the final name"
+        )
         self.message = (
-            f"could not write descriptor store {path}: {err}; free space (or lift the limit) and "
-            "rerun: the rows written so far are kept and the extraction resumes from them"
+            f"could not write {what} {path}: {err}; free space (or lift the limit) and rerun: "
+            f"{kept}"
         )
         super().__init__(code or errno.EIO, self.message)
         self.path = path
@@ -87,14 +93,14 @@ class StoreWriteError(OSError):
 
 
 @contextlib.contextmanager
-def _writing(path: str):
+def writing(path: str, what: str = "descriptor store") -> Iterator[None]:
     """Turns HDF5 write failures (``OSError``, ``RuntimeError``) into ``StoreWriteError``."""
     try:
         yield
     except StoreWriteError:
         raise
     except (OSError, RuntimeError) as err:
-        raise StoreWriteError(path, err) from err
+        raise StoreWriteError(path, err, what) from err
 
 
 def canonical_json(settings: Mapping[str, Any]) -> str:
@@ -226,7 +232,7 @@ def _create_partial(
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         return dcpl
 
-    with _writing(partial), files.atomic_write(partial) as tmp:
+    with writing(partial), files.atomic_write(partial) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset(
                 "descriptors",
@@ -247,7 +253,7 @@ def _create_partial(
             f.attrs["completed"] = 0
             f.attrs["complete"] = False
             f.attrs["failed_messages"] = "{}"
-    with _writing(partial):
+    with writing(partial):
         return h5py.File(partial, "r+")
 
 
@@ -301,7 +307,7 @@ def mark_batch(
     Raises:
       StoreWriteError: the write failed (the rows of earlier batches stay in the file).
     """
-    with _writing(f.filename):
+    with writing(f.filename):
         if len(indices):
             f["descriptors"][indices] = rows
         fail_idx = np.asarray(sorted(i for i, _ in failed), np.int64)
@@ -323,7 +329,7 @@ def finalize(f: h5py.File, path: str) -> None:
     done = np.asarray(f["done"][...], bool)
     if not done.all():
         raise RuntimeError(f"{f.filename}: {np.count_nonzero(~done)} rows not written")
-    with _writing(f.filename):
+    with writing(f.filename):
         f.attrs["complete"] = True
         f.flush()
         f.close()
