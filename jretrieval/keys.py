@@ -55,11 +55,18 @@ def files_digest(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _json_digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _boxes(bbx: Sequence[Any] | None) -> list | None:
+    return None if bbx is None else [None if b is None else [float(v) for v in b] for b in bbx]
+
+
 def ids_digest(ids: Sequence[str], bbx: Sequence[Any] | None = None) -> str:
     """SHA-256 of the image ids (in order) and their crop boxes (``None``: uncropped)."""
-    boxes = None if bbx is None else [None if b is None else [float(v) for v in b] for b in bbx]
-    text = json.dumps({"ids": list(ids), "bbx": boxes}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _json_digest({"ids": list(ids), "bbx": _boxes(bbx)})
 
 
 def _encoder_part(encoder: Any, weights: str) -> dict[str, Any]:
@@ -101,7 +108,7 @@ def extraction_key(
         "n_images": len(ids),
         "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         "files_sha256": files,
-        "bbx_sha256": ids_digest([], bbx),
+        "bbx_sha256": _json_digest({"bbx": _boxes(bbx)}),
     }
 
 
