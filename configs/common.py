@@ -144,6 +144,8 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.extraction.policy = ml_collections.ConfigDict({"mode": "fixed", "size": 724})
     config.extraction.batch_size = 8
     config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
+    # Larger images are refused as possible decompression bombs (skipped with skip_corrupt).
+    config.extraction.max_pixels = 89_478_485  # Pillow's default limit
     config.extraction.num_threads = config_dict.placeholder(int)
     # Encoder compute dtype: float32 | bfloat16 (BN statistics, pooling and everything after in
     # float32; docs/bench_extract.md has its speed and its effect on mAP).

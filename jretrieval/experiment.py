@@ -37,6 +37,7 @@ The results are a JSON-serialisable dict::
      "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
      "settings": config as a dict, "notes": [...], "skipped": {model: [(part, path, why)]},
      "timings": {"models": {...}, "rows": {...}, "total": s}, "stores": {model: {part: path}},
+     "encoders": {model: models.provenance: architecture, weights_file, weights_sha256...},
      "examples": {row: {"column", "queries", "ranks": top-10 database indices}},
      "sizes": {"database": N, "queries": Q}}
 
@@ -57,10 +58,10 @@ import numpy as np
 from absl import logging
 
 from jretrieval import extract as extract_lib
-from jretrieval import files, keys, metrics, models, ranking, recalibration, whitening
+from jretrieval import files, keys, metrics, models, preflight, ranking, recalibration, whitening
 from jretrieval import mesh as mesh_lib
 from jretrieval import store as store_lib
-from jretrieval.datasets import Dataset, load_dataset
+from jretrieval.datasets import Dataset, load_dataset, require_ground_truth
 from jretrieval.steps import Loading, Pooling
 
 __all__ = [
@@ -185,11 +186,7 @@ def load_data(config: Any) -> Dataset:
             )
         demo.build_demo_dataset(data.root, **_as_dict(data.get("demo_kwargs", {})))
     dataset = load_dataset(data.name, data.root, **kwargs)
-    if not dataset.query_paths or dataset.protocol is None:
-        raise ValueError(
-            f"dataset {data.name!r} has no queries/ground truth; the experiment needs one of "
-            "oxford5k, paris6k, roxford5k, rparis6k, instre (or the demo)"
-        )
+    require_ground_truth(dataset)
     return dataset
 
 
@@ -211,7 +208,7 @@ def load_encoder(config: Any, name: str) -> models.Encoder:
                 f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
                 "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
             )
-        return models.load(path)
+        return models.load(path, expected=spec.get("architecture"))  # the zoo's architecture
     if spec.get("architecture"):
         logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", name, spec["seed"])
         return models.init_encoder(_as_dict(spec["architecture"]), seed=int(spec["seed"]))
@@ -329,6 +326,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     start = time.perf_counter()
     spec = _zoo_entry(config, name)
     encoder = load_encoder(config, name)
+    provenance = models.provenance(encoder)  # architecture and weight digests, for results
     t_load = time.perf_counter()
     encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
@@ -369,6 +367,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         info["stores"][part] = store
         info["skipped"] += [(part, p, m) for p, m in report["skipped"]]
     info["seconds"].update(load=t_load - start, bn=t_bn - t_load)
+    info["encoder"] = provenance
     logging.info(
         "model %s: descriptors %s (%.1fs)",
         name,
@@ -519,6 +518,7 @@ def run(config: Any) -> dict[str, Any]:
     params = ranking.params_from_config(config)
     _check_config(config)
     dataset = load_data(config)
+    preflight.check(config, dataset, rows=rows, dims=dims)  # before the hours of work
     shown = list(config.eval.metrics or metrics.PROTOCOLS[dataset.protocol])
     unknown = [m for m in shown if m not in metrics.PROTOCOLS[dataset.protocol]]
     if unknown:
@@ -544,6 +544,7 @@ def run(config: Any) -> dict[str, Any]:
         "skipped": {},
         "timings": {"models": {}, "rows": {}},
         "stores": {},
+        "encoders": {},
         "examples": {},
         "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
     }
@@ -555,6 +556,7 @@ def run(config: Any) -> dict[str, Any]:
             cache[m] = describe(config, m, dataset, mesh=mesh)
             results["timings"]["models"][m] = cache[m].info["seconds"]
             results["stores"][m] = cache[m].info["stores"]
+            results["encoders"][m] = cache[m].info["encoder"]
             if cache[m].info["skipped"]:
                 results["skipped"][m] = cache[m].info["skipped"]
             spec = _zoo_entry(config, m)

@@ -407,3 +407,62 @@ def test_convert_script(r50, tmp_path):
     assert models.load(out / "baseline.h5").metadata["format"] == "torchvision"
     run = _sh(*args)
     assert run.returncode == 0 and f"up to date: {out}/baseline.h5" in run.stdout
+
+
+# ---------------------------------------------------------------------------- issue 9 item 9
+
+
+@pytest.fixture(scope="module")
+def r50_state():
+    """A random torchvision ResNet-50 state dict (no reference maps needed here)."""
+    return tr.torch_resnet(50, seed=3).state_dict()
+
+
+def test_refuses_out_equal_to_src(r50_state, tmp_path, capsys):
+    """Today: exit 0, and the checkpoint is replaced by the HDF5 file."""
+    src = tmp_path / "resnet50.pth"
+    torch.save(r50_state, src)
+    before = src.read_bytes()
+    link = tmp_path / "link.pth"
+    link.symlink_to(src)
+    for out in (src, tmp_path / "." / "resnet50.pth", link):
+        assert main(["--src", str(src), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "is the checkpoint --src" in err and "overwrite" in err
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["link.pth", "resnet50.pth"]
+
+
+def test_refuses_out_that_is_a_directory(r50_state, tmp_path, capsys):
+    """Today: a traceback (IsADirectoryError from os.replace)."""
+    src = tmp_path / "resnet50.pth"
+    torch.save(r50_state, src)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    assert main(["--src", str(src), "--out", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {str(folder)!r} is a directory" in err and "model.h5" in err
+    assert os.listdir(folder) == []
+
+
+def test_refuses_nonfinite_weights_unless_allowed(r50_state, tmp_path, capsys):
+    """Today: exit 0; the run later ranks with NaN descriptors and blames nothing."""
+    state = {k: v.clone() for k, v in r50_state.items()}
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["layer2.1.bn2.running_var"][:3] = float("inf")
+    src = tmp_path / "diverged.pth"
+    torch.save(state, src)
+    err = refused(tmp_path, capsys, str(src))
+    assert "diverged.pth: 2 variables hold NaN or infinite values" in err
+    assert "params/layer1_0/conv1/kernel (1 of 4096 values)" in err
+    assert "batch_stats/layer2_1/bn2/var (3 of 128 values)" in err
+    assert "--allow-nonfinite" in err
+    out = tmp_path / "allowed.h5"
+    old = os.umask(0o022)
+    try:
+        assert main(["--src", str(src), "--out", str(out), "--allow-nonfinite"]) == 0
+    finally:
+        os.umask(old)
+    kernel = np.asarray(models.load(out).variables["params"]["layer1_0"]["conv1"]["kernel"])
+    assert np.isnan(kernel).sum() == 1
+    assert os.stat(out).st_mode & 0o777 == 0o644  # the user's umask, not mkstemp's 0600
