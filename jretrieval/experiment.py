@@ -261,9 +261,9 @@ def recalibrate(
         return cached
     # One process: the writer lock makes a second run wait for this one's file. Several
     # processes recalibrate together (collectives); process 0 writes atomically.
-    lock = files.writer_lock(path, what="BN statistics")
-    with lock if jax.process_count() == 1 else contextlib.nullcontext():
-        cached = _load_bn(path, name, locked=True)
+    alone = jax.process_count() == 1
+    with files.writer_lock(path, what="BN statistics") if alone else contextlib.nullcontext():
+        cached = _load_bn(path, name, locked=alone)  # several: process 0 overwrites it
         if cached is not None:
             return cached
         # Data parallel over the mesh; with several processes each decodes its rows of each batch.
