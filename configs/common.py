@@ -30,7 +30,7 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
 - ``diffusion``: Yang et al. 2019 parameters (``jretrieval.diffusion.rank``).
 - ``distributed``: ``multihost`` (``jax.distributed.initialize()`` for multi-process jobs: TPU
   pods, multi-host GPU; each process extracts its slice of the images). Every device is used
-  either way (``jretrieval.distributed.make_mesh``).
+  either way (``jretrieval.mesh.make_mesh``).
 - ``eval``: ``metrics`` shown in the table (``None``: all of the dataset's protocol).
 - ``output``: where results go (``<workdir>/results`` by default), top-10 picture.
 """

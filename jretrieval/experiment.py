@@ -10,7 +10,7 @@ ensemble):
    (``jretrieval.models.load``), or a random init of ``model_zoo[m].architecture`` with
    ``model_zoo[m].seed`` (the offline demo).
 2. **BN recalibration** (``config.bn.mode`` ``exact`` | ``pytorch`` | ``none``): training-mode
-   passes over the database images (``bn.images``) with ``jretrieval.extract.recalibrate_bn``.
+   passes over the database images (``bn.images``) with ``jretrieval.recalibration``.
    The recalibrated encoder is saved under ``<workdir>/bn/`` (one file per model, dataset and
    settings) and reused by later runs.
 3. **Extraction** of the database and of the queries (cropped to their ``bbx``) with
@@ -42,22 +42,25 @@ the report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, evaluation, metrics, models, preflight, ranking
+from jretrieval import evaluation, files, keys, metrics, models, preflight, ranking, recalibration
 from jretrieval import extract as extract_lib
+from jretrieval import mesh as mesh_lib
 from jretrieval import results as results_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import Dataset, load_dataset, require_ground_truth
-from jretrieval.datasets import images as images_lib
 from jretrieval.evaluation import LEARN_ON, NO_PCA, SHIPPED_PCA_POWER, Descriptors, ShippedPCA
 from jretrieval.results import Results
+from jretrieval.steps import Loading, Pooling
 
 __all__ = [
     "APGEM_MODES",
@@ -195,7 +198,12 @@ def _relative(paths: Sequence[str], root: str) -> list[str]:
 def recalibrate(
     config: Any, name: str, encoder: models.Encoder, dataset: Dataset, *, mesh: Any = None
 ) -> models.Encoder:
-    """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``."""
+    """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``.
+
+    The file is named by ``keys.bn_key`` (the weights' digest, the images' ids, boxes and file
+    fingerprint, every setting), written atomically by the holder of its writer lock (a second
+    run waits and reuses it) and moved aside and rebuilt when it cannot be read.
+    """
     bn = config.bn
     if bn.mode not in BN_MODES:
         raise ValueError(f"bn.mode={bn.mode!r}; expected one of {BN_MODES}")
@@ -209,47 +217,84 @@ def recalibrate(
         paths += dataset.query_paths
         if dataset.query_bbx is not None:
             boxes = [None] * len(dataset.db_paths) + list(dataset.query_bbx)
-    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
-    key = {
-        "variables_sha256": extract_lib.variables_digest(encoder.variables),
-        "architecture": encoder.architecture,
-        "ids": store_lib.settings_digest({"ids": _relative(paths, dataset.root), "bbx": boxes}),
-        "mode": bn.mode,
-        "momentum": bn.momentum if bn.mode == "pytorch" else None,
-        "batch_size": bn.batch_size,
-        "policy": policy.to_dict(),
-    }
-    folder = os.path.join(config.workdir, "bn")
-    path = store_lib.store_path(folder, model=name, dataset=dataset.name, settings=key)
-    if os.path.isfile(path):
-        logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
-        return models.load(path)
-    # Data parallel over the mesh; with several processes each decodes its rows of each batch.
-    encoder = distributed.recalibrate_images(
+    loading = _loading(config, batch_size=bn.batch_size)
+    key = keys.bn_key(
         encoder,
-        paths,
-        mesh=mesh,
+        weights=keys.variables_digest(encoder.variables),
+        files=keys.files_digest(paths),
+        ids=_relative(paths, dataset.root),
         bbx=boxes,
-        policy=policy,
-        batch_size=bn.batch_size,
-        num_threads=config.extraction.num_threads,
-        skip_corrupt=config.extraction.skip_corrupt,
+        policy=loading.policy.to_dict(),
         mode=bn.mode,
         momentum=bn.momentum,
-        desc=f"recalibrate BN {name} on {dataset.name}",
+        batch_size=bn.batch_size,
     )
-    os.makedirs(folder, exist_ok=True)
-    metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
-    if distributed.is_main_process():  # one writer when several processes run
-        models.save(path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata)
-    distributed.sync(f"saved {path}")
+    folder = os.path.join(config.workdir, "bn")
+    files.clean_temporaries(folder)
+    path = store_lib.store_path(folder, model=name, dataset=dataset.name, settings=key)
+    cached = _load_bn(path, name, locked=False)
+    if cached is not None:
+        return cached
+    # One process: the writer lock makes a second run wait for this one's file. Several
+    # processes recalibrate together (collectives); process 0 writes atomically.
+    alone = jax.process_count() == 1
+    with files.writer_lock(path, what="BN statistics") if alone else contextlib.nullcontext():
+        cached = _load_bn(path, name, locked=alone)  # several: process 0 overwrites it
+        if cached is not None:
+            return cached
+        # Data parallel over the mesh; with several processes each decodes its rows of each batch.
+        encoder = recalibration.recalibrate_images(
+            encoder,
+            paths,
+            loading=loading,
+            bbx=boxes,
+            mesh=mesh,
+            mode=bn.mode,
+            momentum=bn.momentum,
+            desc=f"recalibrate BN {name} on {dataset.name}",
+        )
+        metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
+        if mesh_lib.is_main_process():  # one writer when several processes run
+            with store_lib.writing(path, what="BN statistics"):
+                os.makedirs(folder, exist_ok=True)
+                models.save(
+                    path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata
+                )
+                files.apply_umask(path)
+    mesh_lib.sync(f"saved {path}")
     return encoder.replace(metadata=metadata)
 
 
-def _pooling(config: Any, spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def _load_bn(path: str, name: str, *, locked: bool) -> models.Encoder | None:
+    """The cached recalibrated encoder at ``path``; ``None`` if absent or (moved aside when
+    ``locked``) unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        encoder = models.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        if locked:
+            files.move_aside(path, f"unreadable BN statistics: {err}")
+        return None
+    logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
+    return encoder
+
+
+def _loading(config: Any, *, batch_size: int) -> Loading:
+    ex = config.extraction
+    return Loading.of(
+        _as_dict(ex.policy),
+        batch_size=batch_size,
+        skip_corrupt=ex.skip_corrupt,
+        num_threads=ex.num_threads,
+    )
+
+
+def _pooling(config: Any, spec: Mapping[str, Any]) -> Pooling:
     name = spec.get("pooling") or config.pooling.name
     kwargs = {"rmac": {"levels": config.pooling.levels}, "gem": {"p": config.pooling.p}}
-    return name, kwargs.get(name, {})
+    map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
+    return Pooling.of(name, kwargs.get(name, {}), map_size, "linear")
 
 
 def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> Descriptors:
@@ -262,10 +307,11 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
     t_bn = time.perf_counter()
-    pooling, pooling_kwargs = _pooling(config, spec)
-    map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
-    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
+    pooling = _pooling(config, spec)
+    loading = _loading(config, batch_size=config.extraction.batch_size)
+    weights = keys.variables_digest(encoder.variables)  # once for both parts
     folder = os.path.join(config.workdir, "descriptors")
+    files.clean_temporaries(folder)
     out, info = {}, {"seconds": {}, "stores": {}, "skipped": []}
     parts = {
         "database": (dataset.db_paths, None),
@@ -275,29 +321,21 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         ids = _relative(paths, dataset.root)
         # The recalibrated statistics are in the weights' digest; "bn" only names the mode.
         user = {"model": name, "dataset": dataset.name, "part": part, "bn": config.bn.mode}
-        common = dict(
-            bbx=bbx,
-            policy=policy,
-            pooling=pooling,
-            pooling_kwargs=pooling_kwargs,
-            map_size=map_size,
-            map_method="linear",
-        )
-        full = extract_lib.extraction_settings(encoder, ids, paths=paths, settings=user, **common)
+        key = extract_lib.store_key(encoder, paths, ids=ids, bbx=bbx, loading=loading,
+                                    pooling=pooling, user=user, weights=weights)  # fmt: skip
         store = store_lib.store_path(
-            folder, model=name, dataset=f"{dataset.name}-{part}", settings=full
+            folder, model=name, dataset=f"{dataset.name}-{part}", settings=key
         )
-        desc, report = distributed.extract(  # data parallel; split by process if several
+        desc, report = extract_lib.extract(  # data parallel; split by process if several
             encoder,
             paths,
-            mesh=mesh,
-            **common,
-            batch_size=config.extraction.batch_size,
-            store=store,
-            settings=user,
-            skip_corrupt=config.extraction.skip_corrupt,
+            loading=loading,
+            pooling=pooling,
+            bbx=bbx,
             ids=ids,
-            num_threads=config.extraction.num_threads,
+            store=store,
+            key=key,
+            mesh=mesh,
             desc=f"extract {name} {dataset.name} {part}",
         )
         out[part] = (desc, np.asarray(report["kept"], np.int64))
@@ -397,8 +435,8 @@ def run(config: Any) -> Results:
       A ``jretrieval.results.Results`` (``jretrieval.report.run`` writes it).
     """
     start = time.perf_counter()
-    distributed.initialize(bool(config.get("distributed", {}).get("multihost", False)))
-    mesh = distributed.make_mesh()  # every device of every process; passed down
+    mesh_lib.initialize(bool(config.get("distributed", {}).get("multihost", False)))
+    mesh = mesh_lib.make_mesh()  # every device of every process; passed down
     rows = parse_models(config.models)
     dims = parse_dims(config.whitening.dim)
     columns = ranking.check_columns(config.ranking.columns)

@@ -28,7 +28,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jretrieval import errors, experiment, progress, report
+from jretrieval import errors, experiment, files, progress, report
 from jretrieval import mesh as mesh_lib
 
 #: the repository this package lives in (a source checkout or an editable install).
@@ -61,7 +61,9 @@ def run(config: Any) -> Any:
     if mesh_lib.is_main_process():  # every process computed the same; one reports
         sys.stdout.write(report.summary(results) + "\n")
         sys.stdout.flush()
-        report.write(results, report.output_dir(config))
+        out = report.output_dir(config)
+        with files.writer_lock(os.path.join(out, "results"), what="results"):  # one run at a time
+            report.write(results, out)
         sys.stdout.write(f"results: {report.output_dir(config)}\n")
     return results
 
