@@ -97,8 +97,10 @@ def test_store_write_error_and_success_output(tmp_path):
     proc = _main("--config=configs/demo.py", patch=boom)
     _assert_user_error(proc, "No space left on device", "/full/store.h5")
     fake = (
-        "import jretrieval.experiment as e\n"
-        "e.run = lambda config: {'summary': 'TABLE', 'models': {}}"
+        "import jretrieval.experiment as e, jretrieval.report as r\n"
+        "e.run = lambda config: {}\n"
+        "r.summary = lambda results: 'TABLE'\n"
+        "r.write = lambda results, out: None"
     )
     ok = _main(f"--config={REPO}/configs/demo.py", patch=fake, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr

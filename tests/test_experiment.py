@@ -157,7 +157,9 @@ def test_every_column_matches_a_numpy_pipeline(tmp_path, tiny_zoo):
         assert rows[("tiny_a", column, "mAP")] == pytest.approx(value, abs=1e-9)
         assert f"{value:.2f}" in markdown
     assert "randomly initialised" in markdown
-    assert "BN recalibration: exact population statistics" in markdown and "batch size" in markdown
+    assert config.bn.mode == "pytorch"  # the paper's procedure, inherited from configs/common.py
+    assert "BN recalibration: PyTorch model.train() forward pass" in markdown
+    assert "batch size 8" in markdown and "list order" in markdown
     assert saved["per_query"]["tiny_a"]["G"]["mAP"] == results.per_query["tiny_a"]["G"]["mAP"]
     assert saved["provenance"]["versions"]["jax"] and saved["provenance"]["devices"]["count"] >= 1
     assert set(saved["timings"]["rows"]["tiny_a"]) >= {"whitening", "ranking", "evaluation"}
