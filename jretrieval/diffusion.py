@@ -370,6 +370,18 @@ def _neighbours_mesh(x, *, mesh, m: int, truncation: int, kd: int, rows: int):
     return mesh_lib.shard_map(mesh, body, spec, (spec, spec, spec))(x)
 
 
+def _neighbours(x: np.ndarray, truncation: int, kd: int, *, mesh=None, block_size=None):
+    """The neighbour stage alone, as NumPy ``(ids [M, T], ids_kd [M, kd], sims_kd [M, kd])``
+    (for tests and benchmarks; ``offline`` keeps the mesh's results on the devices)."""
+    m = x.shape[0]
+    rows = _default_rows(m, block_size)
+    if mesh is None:
+        return _neighbours_local(x, truncation, kd, rows)
+    xs = mesh_lib.shard_rows(x, mesh).array
+    out = _neighbours_mesh(xs, mesh=mesh, m=m, truncation=truncation, kd=kd, rows=rows)
+    return tuple(mesh_lib.to_host(a)[:m] for a in out)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. Mutual kNN affinity, normalisation, connected components.
 
