@@ -40,7 +40,10 @@ import numpy as np
 import scipy.sparse as sparse
 import scipy.sparse.linalg as linalg
 
-__all__ = ["KNN", "Diffusion", "rank_joint", "rank_online"]
+__all__ = [
+    "KNN", "Diffusion", "get_affinity", "get_laplacian", "offline_rows", "rank_joint",
+    "rank_online",
+]  # fmt: skip
 
 
 class KNN:
@@ -69,49 +72,58 @@ class Diffusion:
 
     def get_offline_results(self, n_trunc: int, kd: int = 50) -> sparse.csr_matrix:
         sims, ids = self.knn.search(self.features, n_trunc)
-        trunc_ids = ids
-        lap_alpha = self.get_laplacian(sims[:, :kd], ids[:, :kd])
-        trunc_init = np.zeros(n_trunc)
-        trunc_init[0] = 1
-
-        def get_offline_result(i):
-            ids_i = trunc_ids[i]
-            trunc_lap = lap_alpha[ids_i][:, ids_i]
-            scores, _ = linalg.cg(trunc_lap, trunc_init, rtol=1e-6, maxiter=20)
-            return scores
-
-        with ThreadPoolExecutor(os.cpu_count()) as pool:
-            results = list(pool.map(get_offline_result, range(self.N)))
-        all_scores = np.concatenate(results)
+        lap_alpha = get_laplacian(sims[:, :kd], ids[:, :kd])
+        all_scores = offline_rows(lap_alpha, ids, range(self.N))
         rows = np.repeat(np.arange(self.N), n_trunc)
         return sparse.csr_matrix(
-            (all_scores, (rows, trunc_ids.reshape(-1))), shape=(self.N, self.N), dtype=np.float32
-        )
+            (all_scores.reshape(-1), (rows, ids.reshape(-1))), shape=(self.N, self.N),
+            dtype=np.float32,
+        )  # fmt: skip
 
-    def get_laplacian(self, sims: np.ndarray, ids: np.ndarray, alpha: float = 0.99):
-        affinity = self.get_affinity(sims, ids)
-        num = affinity.shape[0]
-        degrees = affinity @ np.ones(num) + 1e-12
-        mat = sparse.dia_matrix((degrees ** (-0.5), [0]), shape=(num, num), dtype=np.float32)
-        stochastic = mat @ affinity @ mat
-        sparse_eye = sparse.dia_matrix((np.ones(num), [0]), shape=(num, num), dtype=np.float32)
-        return sparse_eye - alpha * stochastic
 
-    def get_affinity(self, sims: np.ndarray, ids: np.ndarray, gamma: float = 3):
-        num = sims.shape[0]
-        sims = sims.copy()
-        sims[sims < 0] = 0
-        sims = sims**gamma
-        vec_ids, mut_ids, mut_sims = [], [], []
-        for i in range(num):
-            ismutual = np.isin(ids[ids[i]], i).any(axis=1)
-            ismutual[0] = False
-            if ismutual.any():
-                vec_ids.append(i * np.ones(ismutual.sum(), dtype=int))
-                mut_ids.append(ids[i, ismutual])
-                mut_sims.append(sims[i, ismutual])
-        vec_ids, mut_ids, mut_sims = map(np.concatenate, [vec_ids, mut_ids, mut_sims])
-        return sparse.csc_matrix((mut_sims, (vec_ids, mut_ids)), shape=(num, num), dtype=np.float32)
+def offline_rows(lap_alpha, trunc_ids: np.ndarray, nodes) -> np.ndarray:
+    """``get_offline_result(i)`` for each node (their thread pool): ``[len(nodes), T]``."""
+    trunc_init = np.zeros(trunc_ids.shape[1])
+    trunc_init[0] = 1
+    lap_alpha = sparse.csr_matrix(lap_alpha)
+
+    def get_offline_result(i):
+        ids_i = trunc_ids[i]
+        trunc_lap = lap_alpha[ids_i][:, ids_i]
+        scores, _ = linalg.cg(trunc_lap, trunc_init, rtol=1e-6, maxiter=20)
+        return scores
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return np.stack(list(pool.map(get_offline_result, nodes)))
+
+
+def get_laplacian(sims: np.ndarray, ids: np.ndarray, alpha: float = 0.99):
+    """``L = I - alpha D^-1/2 W D^-1/2`` of the mutual kNN affinity (``Diffusion`` method)."""
+    affinity = get_affinity(sims, ids)
+    num = affinity.shape[0]
+    degrees = affinity @ np.ones(num) + 1e-12
+    mat = sparse.dia_matrix((degrees ** (-0.5), [0]), shape=(num, num), dtype=np.float32)
+    stochastic = mat @ affinity @ mat
+    sparse_eye = sparse.dia_matrix((np.ones(num), [0]), shape=(num, num), dtype=np.float32)
+    return sparse_eye - alpha * stochastic
+
+
+def get_affinity(sims: np.ndarray, ids: np.ndarray, gamma: float = 3):
+    """The mutual kNN affinity by their per-node loop (``Diffusion`` method)."""
+    num = sims.shape[0]
+    sims = sims.copy()
+    sims[sims < 0] = 0
+    sims = sims**gamma
+    vec_ids, mut_ids, mut_sims = [], [], []
+    for i in range(num):
+        ismutual = np.isin(ids[ids[i]], i).any(axis=1)
+        ismutual[0] = False
+        if ismutual.any():
+            vec_ids.append(i * np.ones(ismutual.sum(), dtype=int))
+            mut_ids.append(ids[i, ismutual])
+            mut_sims.append(sims[i, ismutual])
+    vec_ids, mut_ids, mut_sims = map(np.concatenate, [vec_ids, mut_ids, mut_sims])
+    return sparse.csc_matrix((mut_sims, (vec_ids, mut_ids)), shape=(num, num), dtype=np.float32)
 
 
 def _normalize_rows(m: sparse.csr_matrix) -> sparse.csr_matrix:
