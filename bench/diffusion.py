@@ -92,7 +92,8 @@ def knn_case(kind: str) -> dict:
     (_, ref_ids), ref_s = harness.timed(index.search, x, KNN_K)
     (ids, _, _), ours_s = harness.timed(diffusion._neighbours, x, KNN_K, KD)
     # Same sets up to float32 near-ties (faiss and XLA round some products differently).
-    agree = np.mean([len(set(a) & set(b)) / KNN_K for a, b in zip(ids[::97], ref_ids[::97])])
+    pairs = zip(ids[::97], ref_ids[::97], strict=True)
+    agree = np.mean([len(set(a) & set(b)) / KNN_K for a, b in pairs])
     return {"kind": kind, "ref": ref_s, "ours": ours_s, "agree": agree, "load": os.getloadavg()[0]}
 
 
