@@ -59,11 +59,33 @@ Speed. Two solvers give the same values (to float rounding), ``solver="auto"`` p
 
 The neighbour step computes each row block's similarities with one matrix product, bounds the
 ``T``-th largest from below by an exact bisection over a column sample, and picks the exact top
-``T`` among the few candidates on the host (``lax.top_k`` with ``k = T`` is ~20x slower on
-CPU); only the first ``kd`` are sorted.
+``T`` among the candidates: on one device on the host (``lax.top_k`` with ``k = T`` is ~20x
+slower on CPU), on a mesh by ``lax.top_k`` over the candidates (no host in the loop); only the
+first ``kd`` are sorted.
+
+One device and a mesh. Each stage is written once, as a kernel over a block of graph rows that
+knows the rows' global ids (padding ids ``>= M`` never count): ``_threshold_rows`` /
+``_node_first`` (neighbours), ``_mutual_rows`` / ``_weights`` / ``_normalised`` (affinity and
+Laplacian), ``_solve_rows`` or the native kernel (solves), ``_query_rows`` / ``_joint_rows``
+(joint scores), ``_online_rows`` (online scores). With ``mesh=None`` they run directly, block by
+block; with a 1-D ``mesh`` (``jretrieval.mesh.make_mesh``) the nodes are split in contiguous
+shards (``mesh.shard_rows``) and each device runs the same kernels on its rows under
+``shard_map``, adding only collectives: the neighbour stage all-gathers the descriptors
+(``M x D`` per device: 100 MB at 50,000 x 512), the affinity and the solves all-gather the
+``[M, kd]`` lists and degrees (``8 M kd`` bytes), the joint scores ``psum`` the ``[Q, M]`` query
+rows, the online scores ``psum`` ``[Q, N]``. The one-device XLA solver's component GEMM path and
+the host pick are one-device speed paths (same results); on a mesh every node takes the
+per-node path. Results equal one device's (indices exactly on tie-free data and for exact ties,
+values to float rounding: a shard's products may round differently in the last bit).
+
+``block_size`` (``offline``, ``rank``): graph rows scored against all ``M`` nodes at once by the
+neighbour stage and densified at once by the joint scores, i.e. ``[block_size, M]`` float32 per
+block (per device on a mesh); default a power of two within 16 MB. ``node_chunk``: nodes per
+call of the XLA per-node solver; ``dense_max``: the component GEMM path's largest component.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
-the numeric kernels inside are jitted with static shapes.
+the numeric kernels inside are jitted with static shapes. This module is long (about 1,000
+lines) but one idea: the diffusion of Yang et al., stage by stage, with its two solvers.
 """
 
 from __future__ import annotations
