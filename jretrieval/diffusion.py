@@ -122,7 +122,6 @@ MODES = ("joint", "online")
 SOLVERS = ("auto", "native", "xla")
 _HIGHEST = lax.Precision.HIGHEST
 _BUDGET = 1 << 22  # elements per array in one chunk (16 MB of float32)
-_TILE_ROWS = 2048  # rows (and columns) of a tile of the one-device symmetric kNN (16 MB)
 
 
 @functools.partial(
@@ -269,21 +268,16 @@ def _threshold_rows(q, x, gid, *, rank: int, stride: int):
     """
     s = jnp.matmul(q, x.T, precision=_HIGHEST)
     s = s.at[jnp.arange(q.shape[0]), gid].set(jnp.inf, mode="drop")
-    tau = _tau(_sortable(s[:, ::stride]), rank)
-    ge = _sortable(s) >= tau[:, None]
-    return s, ge, jnp.sum(ge, axis=1, dtype=jnp.int32)
+    sample = _sortable(s[:, ::stride])
 
-
-def _tau(sample: jax.Array, rank: int) -> jax.Array:
-    """Per row, the largest key ``tau`` with ``#(sample >= tau) >= rank``, found bit by bit
-    (an exact bisection on the float order of the ``uint32`` keys ``sample`` ``[R, K]``)."""
-
-    def bit(b, tau):
+    def bit(b, tau):  # largest tau with #(sample >= tau) >= rank, found bit by bit
         cand = tau | (jnp.uint32(1) << (31 - b).astype(jnp.uint32))
         ok = jnp.sum(sample >= cand[:, None], axis=1, dtype=jnp.int32) >= rank
         return jnp.where(ok, cand, tau)
 
-    return lax.fori_loop(0, 32, bit, jnp.zeros(sample.shape[0], jnp.uint32))
+    tau = lax.fori_loop(0, 32, bit, jnp.zeros(q.shape[0], jnp.uint32))
+    ge = _sortable(s) >= tau[:, None]
+    return s, ge, jnp.sum(ge, axis=1, dtype=jnp.int32)
 
 
 def _select_rows(s, ge, count, truncation: int) -> jax.Array:
@@ -320,45 +314,26 @@ def _top_sets(s: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     """Per row, the ``k`` columns of largest ``s`` among its ``candidates`` (ties: lower
     column first), sorted by column: ``[R, k]``. Every row needs at least ``k`` candidates.
 
-    (Flat indexing throughout: NumPy's 2-D fancy indexing and ``np.nonzero`` on a 2-D mask are
-    several times slower.)
+    Vectorised over the rows: the candidates are packed into a padded ``[R, width]`` array, the
+    ``k``-th largest value found by ``np.partition``, and the values above it (then the first
+    of those equal to it) kept. (Flat indexing throughout: NumPy's 2-D fancy indexing and
+    ``np.nonzero`` on a 2-D mask are several times slower.)
     """
     r, n = s.shape
     flat = np.flatnonzero(candidates)  # row-major: by row, then by column
     rows = flat // n
-    return _top_packed(rows, flat - rows * n, s.reshape(-1)[flat], r, k)[0]
-
-
-def _top_packed(rows, cols, vals, r: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``_top_sets`` from candidate triples sorted by row, then column (at least ``k`` per
-    row): ``(columns [r, k], their values [r, k])``, sorted by column.
-
-    Vectorised over the rows: the candidates are packed into a padded ``[r, width]`` array, the
-    ``k``-th largest value found by ``np.partition``, and the values above it (then the first
-    of those equal to it) kept.
-    """
     count = np.bincount(rows, minlength=r)
     width = int(count.max())
-    slot = rows * width + (np.arange(len(rows)) - (np.cumsum(count) - count)[rows])
-    v = np.full(r * width, -np.inf, np.float32)
-    c = np.zeros(r * width, np.int64)
-    v[slot], c[slot] = vals, cols
-    v, c = v.reshape(r, width), c.reshape(r, width)
-    kth = -np.partition(-v, k - 1, axis=1)[:, k - 1 : k]
-    equal = v == kth
-    need = k - np.sum(v > kth, axis=1, keepdims=True)
-    keep = (v > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
-    return c[keep].reshape(r, k), v[keep].reshape(r, k)
-
-
-def _neighbours_one_device(x: np.ndarray, truncation: int, kd: int, block_size: int | None):
-    """One device: the symmetric tile path where only a column sample sets the thresholds
-    (``M >= 8 T``: ``block_size`` x ``block_size`` tiles, default 2048, 16 MB), else whole
-    rows (``block_size`` x ``M`` blocks, default within 16 MB)."""
-    m = x.shape[0]
-    if _sample_plan(m, truncation)[0] > 1:
-        return _neighbours_tiles(x, truncation, kd, int(min(m, block_size or _TILE_ROWS)))
-    return _neighbours_local(x, truncation, kd, _default_rows(m, block_size))
+    slot = rows * width + (np.arange(len(flat)) - (np.cumsum(count) - count)[rows])
+    vals = np.full(r * width, -np.inf, np.float32)
+    cols = np.zeros(r * width, np.int64)
+    vals[slot], cols[slot] = s.reshape(-1)[flat], flat - rows * n
+    vals, cols = vals.reshape(r, width), cols.reshape(r, width)
+    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1 : k]
+    equal = vals == kth
+    need = k - np.sum(vals > kth, axis=1, keepdims=True)
+    keep = (vals > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
+    return cols[keep].reshape(r, k)
 
 
 def _neighbours_local(x: np.ndarray, truncation: int, kd: int, rows: int):
@@ -395,90 +370,6 @@ def _neighbours_local(x: np.ndarray, truncation: int, kd: int, rows: int):
     return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "stride"))
-def _sample_tau(q, x, gid, *, rank: int, stride: int) -> jax.Array:
-    """``_threshold_rows``' threshold keys of a row block from the sampled columns alone."""
-    s = jnp.matmul(q, x[::stride].T, precision=_HIGHEST)
-    own = jnp.where(gid % stride == 0, gid // stride, s.shape[1])  # sampled own column
-    s = s.at[jnp.arange(q.shape[0]), own].set(jnp.inf, mode="drop")
-    return _tau(_sortable(s), rank)
-
-
-@functools.partial(jax.jit, static_argnames=("m",))
-def _tile(xi, xj, tau_i, tau_j, gi, gj, *, m: int):
-    """One tile ``I <= J`` of the symmetric path: ``s = x_I x_J^T`` (own entries ``+inf``),
-    the candidates of the rows of ``I`` (``s >= tau_I``) and of ``J`` (``s^T >= tau_J``)."""
-    s = jnp.matmul(xi, xj.T, precision=_HIGHEST)
-    s = jnp.where(gi[:, None] == gj[None, :], jnp.inf, s)
-    key = _sortable(s)
-    ge_i = (key >= tau_i[:, None]) & (gj < m)[None, :]
-    ge_j = (key.T >= tau_j[:, None]) & (gi < m)[None, :]
-    return s, ge_i, ge_j
-
-
-@functools.partial(jax.jit, static_argnames=("kd",))
-def _top_kd(vals, kd: int):
-    return lax.top_k(vals, kd)
-
-
-def _neighbours_tiles(x: np.ndarray, truncation: int, kd: int, rows: int):
-    """One device, ``M >= 8 T``: ``_neighbours_local``'s result from half the products.
-
-    The similarity matrix is symmetric, so tiles ``x_I x_J^T`` with ``I <= J`` give both the
-    rows of ``I`` and (transposed) those of ``J``. Each row's threshold comes first, from the
-    sampled columns alone (``_sample_tau``: ``1 / stride`` of the products); each tile's
-    candidates are read on the host and kept per row block, in column order; a block's rows are
-    complete once its tiles are done, and its exact sets are picked by ``_top_packed``.
-    """
-    m = x.shape[0]
-    stride, rank = _sample_plan(m, truncation)
-    nb = -(-m // rows)
-    xp = jnp.asarray(np.pad(x, ((0, nb * rows - m), (0, 0))))
-    gid = jnp.arange(nb * rows, dtype=jnp.int32)
-    xd = jnp.asarray(x)
-    xs = [xp[i * rows : (i + 1) * rows] for i in range(nb)]
-    gs = [gid[i * rows : (i + 1) * rows] for i in range(nb)]
-    tau = [_sample_tau(xs[i], xd, gs[i], rank=rank, stride=stride) for i in range(nb)]
-    out = [np.empty((m, truncation), np.int32), np.empty((m, kd), np.int32)]
-    out.append(np.empty((m, kd), np.float32))
-    found: list[list] = [[] for _ in range(nb)]  # per row block: (rows, cols, values) chunks
-    count_rows = lambda i: min(rows, m - i * rows)
-    for i in progress.track(
-        range(nb), total=m, desc="diffusion neighbours", unit="nodes", count=count_rows
-    ):
-        for j in range(i, nb):
-            s, ge_i, ge_j = _tile(xs[i], xs[j], tau[i], tau[j], gs[i], gs[j], m=m)
-            s = np.asarray(s).reshape(-1)
-            f = np.flatnonzero(np.asarray(ge_i))
-            found[i].append((f // rows, j * rows + f % rows, s[f]))
-            if j > i:  # the transposed tile: rows of J, columns of I
-                f = np.flatnonzero(np.asarray(ge_j))
-                r, c = f // rows, f % rows
-                found[j].append((r, i * rows + c, s[c * rows + r]))
-        r, c, v = (np.concatenate(a) for a in zip(*found[i], strict=True))
-        found[i] = []
-        order = np.argsort(r, kind="stable")  # by row; each row's columns stay increasing
-        r, c, v = r[order], c[order], v[order]
-        valid = count_rows(i)
-        short = np.flatnonzero(np.bincount(r, minlength=rows)[:valid] < truncation)
-        if len(short):  # sample bound too high (rare): those rows take every column
-            keep = ~np.isin(r, short)
-            s_short = np.array(jnp.matmul(xs[i][short], xd.T, precision=_HIGHEST))
-            s_short[np.arange(len(short)), i * rows + short] = np.inf
-            rs, cs = np.divmod(np.arange(len(short) * m), m)
-            r = np.concatenate([r[keep], short[rs]])
-            c = np.concatenate([c[keep], cs])
-            v = np.concatenate([v[keep], s_short.reshape(-1)])
-            order = np.lexsort((c, r))
-            r, c, v = r[order], c[order], v[order]
-        inside = r < valid
-        idx, vals = _top_packed(r[inside], c[inside], v[inside], valid, truncation)
-        got = _node_first_block(jnp.asarray(idx.astype(np.int32)), *_top_kd(vals, kd=kd))
-        for o, g in zip(out, got, strict=True):
-            o[i * rows : i * rows + valid] = np.asarray(g)
-    return tuple(out)
-
-
 @functools.partial(jax.jit, static_argnames=("mesh", "m", "truncation", "kd", "rows"))
 def _neighbours_mesh(x, *, mesh, m: int, truncation: int, kd: int, rows: int):
     """The mesh: each device the same rows kernel on its shard of nodes, against all ``M``
@@ -505,9 +396,9 @@ def _neighbours(x: np.ndarray, truncation: int, kd: int, *, mesh=None, block_siz
     """The neighbour stage alone, as NumPy ``(ids [M, T], ids_kd [M, kd], sims_kd [M, kd])``
     (for tests and benchmarks; ``offline`` keeps the mesh's results on the devices)."""
     m = x.shape[0]
-    if mesh is None:
-        return _neighbours_one_device(x, truncation, kd, block_size)
     rows = _default_rows(m, block_size)
+    if mesh is None:
+        return _neighbours_local(x, truncation, kd, rows)
     xs = mesh_lib.shard_rows(x, mesh).array
     out = _neighbours_mesh(xs, mesh=mesh, m=m, truncation=truncation, kd=kd, rows=rows)
     return tuple(mesh_lib.to_host(a)[:m] for a in out)
@@ -863,8 +754,8 @@ def _check_offline(x, truncation, kd, max_iter, gamma, alpha, tol, solver, mesh,
     return t
 
 
-def _offline_rows(x: np.ndarray, *, mesh, t, kd, gamma, alpha, tol, max_iter, block_size,
-                  dense_max, node_chunk, solver):  # fmt: skip
+def _offline_rows(x: np.ndarray, *, mesh, t, kd, gamma, alpha, tol, max_iter, rows, dense_max,
+                  node_chunk, solver):  # fmt: skip
     """``(indices, values)`` ``[M, T]``: NumPy on one device; on a mesh, row-sharded device
     arrays padded to ``[n_dev * s, T]`` (padding rows last)."""
     m = x.shape[0]
@@ -875,12 +766,11 @@ def _offline_rows(x: np.ndarray, *, mesh, t, kd, gamma, alpha, tol, max_iter, bl
             local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
             threads = native.threads(local)  # the local devices' solves run at the same time
         xs = mesh_lib.shard_rows(x, mesh).array
-        rows = _default_rows(m, block_size)
         ids, ids_kd, sims_kd = _neighbours_mesh(xs, mesh=mesh, m=m, truncation=t, kd=kd, rows=rows)
         a_s = _graph_mesh(ids_kd, sims_kd, mesh=mesh, m=m, gamma=gamma, alpha=alpha)
         kw = dict(mesh=mesh, m=m, node_chunk=node_chunk, max_iter=max_iter, tol=tol)
         return ids, _solve_mesh(ids, ids_kd, a_s, threads=threads, **kw)
-    ids, ids_kd, sims_kd = _neighbours_one_device(x, t, kd, block_size)
+    ids, ids_kd, sims_kd = _neighbours_local(x, t, kd, rows)
     a_s, mutual = _graph(jnp.asarray(ids_kd), jnp.asarray(sims_kd), gamma, alpha)
     if use_native(solver):
         return ids, _solve_all_native(ids, ids_kd, a_s, max_iter=max_iter, tol=tol)
@@ -932,7 +822,7 @@ def offline(
     kw = dict(kd=kd, gamma=gamma, alpha=alpha, tol=tol, max_iter=max_iter, mesh=mesh,
               dense_max=dense_max, node_chunk=node_chunk, solver=solver)  # fmt: skip
     t = _check_offline(x, truncation, block_size=block_size, **kw)
-    ids, values = _offline_rows(x, t=t, block_size=block_size, **kw)
+    ids, values = _offline_rows(x, t=t, rows=_default_rows(x.shape[0], block_size), **kw)
     if mesh is not None:
         ids, values = (mesh_lib.to_host(a)[: x.shape[0]] for a in (ids, values))
     return Offline(
@@ -1137,7 +1027,7 @@ def rank(
               dense_max=1024, node_chunk=16, solver=solver)  # fmt: skip
     t = _check_offline(x, truncation, block_size=block_size, **kw)
     rows = _default_rows(x.shape[0], block_size)
-    idx, val = _offline_rows(x, t=t, block_size=block_size, **kw)
+    idx, val = _offline_rows(x, t=t, rows=rows, **kw)
     if mode == "online":
         return _online(q, db, idx, val, kq=kq, gamma=gamma, truncation=t, mesh=mesh)
     nq, m = q.shape[0], x.shape[0]

@@ -313,13 +313,11 @@ def test_several_block_sizes_match_reference(monkeypatch):
     assert np.all(np.abs(got - ref) <= 1e-4 * np.abs(ref).max(axis=1, keepdims=True))
 
 
-# Whole rows with an exact bisection (120); sampled thresholds on symmetric tiles (400), one
-# tile or 7 x 7 tiles of 64 rows (the transposed tiles give the rows of the later blocks).
-@pytest.mark.parametrize(("n", "block_size"), [(120, None), (400, None), (400, 64)])
-def test_truncation_sets_are_the_nearest_neighbours_ties_by_index(n, block_size):
+@pytest.mark.parametrize("n", [120, 400])  # exact bisection / sampled candidates (stride 2)
+def test_truncation_sets_are_the_nearest_neighbours_ties_by_index(n):
     x = clustered(n - 40, dim=6, seed=5)
     x = np.concatenate([x, x[:40]])  # duplicates: exact ties among the similarities
-    ids, ids_kd, sims_kd = diffusion._neighbours(x, 40, 5, block_size=block_size)
+    ids, ids_kd, sims_kd = diffusion._neighbours(x, 40, 5)
     # Ties are those of the float32 similarities (float64 would break some of them).
     s32 = (x @ x.T).astype(np.float32)
     np.fill_diagonal(s32, np.inf)
@@ -327,19 +325,6 @@ def test_truncation_sets_are_the_nearest_neighbours_ties_by_index(n, block_size)
     np.testing.assert_array_equal(ids[:, 0], np.arange(n))
     assert all(set(a) == set(b) for a, b in zip(ids, want, strict=True))
     assert all(set(a) == set(b) for a, b in zip(ids_kd, want[:, :5], strict=True))
-
-
-def test_tiles_rows_short_of_candidates_take_their_whole_row(monkeypatch):
-    # A sample rank of 1 puts every threshold at the row's sampled maximum: every row is short
-    # of candidates and takes the fallback; the result must not change.
-    x = clustered(360, dim=6, seed=5)
-    x = np.concatenate([x, x[:40]])
-    want = diffusion._neighbours(x, 40, 5, block_size=64)
-    monkeypatch.setattr(diffusion, "_sample_plan", lambda m, t: (2, 1))
-    got = diffusion._neighbours(x, 40, 5, block_size=64)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-    np.testing.assert_allclose(got[2], want[2], atol=1e-6)  # a row product vs a tile product
 
 
 def test_top_sets_match_a_per_row_sort_with_ties():
