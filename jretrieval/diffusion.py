@@ -43,8 +43,8 @@ Speed. Two solvers give the same values (to float rounding), ``solver="auto"`` p
 - ``"native"`` (the default on CPU): ``jretrieval.native.truncated_cg``, a C++ XLA custom call
   compiled on first use. Per node it stores only the edges inside the truncation set that the
   node reaches (x is exactly zero elsewhere) and runs the CG on that sparse matrix, threads over
-  nodes. On a 2-core CPU it is 6-17x faster than the authors' per-node SciPy loop
-  (``bench/diffusion.py``, ``bench/scale.py``, ``docs/bench_diffusion.md``).
+  nodes. On a 2-core CPU it is 7-17x faster than the authors' per-node SciPy loop
+  (``bench/scale.py``, ``docs/benchmarks.md``; end to end: ``bench/diffusion.py``).
 - ``"xla"`` (GPU/TPU, or CPU without a C++ compiler): the truncated systems only couple nodes of
   the same connected component of the mutual kNN graph, and ``x`` is exactly zero outside the
   node's own component; so nodes are grouped by component. Components of at most ``dense_max``
