@@ -129,12 +129,13 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
     """One measurement (called in a fresh process). Returns the record for the results file."""
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import mesh as mesh_lib
+    from jretrieval import sharded
 
     x = np.load(data_path(n))
     q, db = x[:NQ], x[NQ:]
     base = _rss_mb()
-    mesh = distributed.make_mesh(jax.local_devices())
+    mesh = mesh_lib.make_mesh(jax.local_devices())
     rec = {"stage": stage, "impl": impl, "n": n, "devices": int(mesh.devices.size)}
     subset = None
     rows = n if n <= FULL_KNN else SUBSET_ROWS

@@ -27,14 +27,15 @@ import numpy as np
 from PIL import Image
 
 from jretrieval.models import Encoder
+from jretrieval.steps import Loading
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POLICY = {"mode": "max_side", "size": 20}
-EXTRACT_KW = {"policy": POLICY, "pooling": "mac", "batch_size": 3, "skip_corrupt": True}
+EXTRACT_KW = {"loading": Loading.of(POLICY, batch_size=3, skip_corrupt=True), "pooling": "mac"}
 BATCH_RECAL = 4
 RANKING_DIFFUSION = {"truncation": 60, "kd": 10, "kq": 5, "gamma": 3.0, "alpha": 0.99,
                      "mode": "joint"}  # fmt: skip
-RECAL_KW = {"policy": POLICY, "batch_size": BATCH_RECAL, "skip_corrupt": True}
+RECAL_KW = {"loading": Loading.of(POLICY, batch_size=BATCH_RECAL, skip_corrupt=True)}
 
 
 class TinyNet(nn.Module):
@@ -88,9 +89,7 @@ def image_paths(folder: str) -> list[str]:
 
 
 def recal_batches(paths: list[str]):
-    from jretrieval.datasets import images as im
-
-    return im.iterate_batches(paths, **RECAL_KW)
+    return RECAL_KW["loading"].iterate(paths)
 
 
 def _stats(enc: Encoder) -> dict[str, np.ndarray]:
@@ -104,10 +103,10 @@ def _stats(enc: Encoder) -> dict[str, np.ndarray]:
 
 
 def run_sharded(folder: str) -> None:
-    from jretrieval import distributed as dist
+    from jretrieval import mesh as mesh_lib
     from jretrieval import sharded
 
-    mesh = dist.make_mesh()
+    mesh = mesh_lib.make_mesh()
     assert mesh.devices.size == 4, jax.devices()
     inp = dict(np.load(os.path.join(folder, "inputs.npz")))
     out: dict[str, np.ndarray] = {}
@@ -168,18 +167,19 @@ def run_sharded(folder: str) -> None:
 
     # data-parallel extraction and BN recalibration
     from jretrieval import extract as ex
+    from jretrieval import recalibration, steps
 
     enc = encoder()
     paths = image_paths(os.path.join(folder, "images"))
-    step = dist.make_step(enc, mesh, pooling="mac")
+    step = steps.make_step(enc, "mac", mesh=mesh)
     probe = step(np.zeros((4, 20, 16, 3), np.uint8))
     out["step_devices"] = np.asarray(len(probe.sharding.device_set))
-    desc, rep = dist.extract(enc, paths, mesh=mesh, **EXTRACT_KW)
+    desc, rep = ex.extract(enc, paths, mesh=mesh, **EXTRACT_KW)
     out["extract"], out["extract_kept"] = desc, rep["kept"]
     out["extract_shapes"] = np.asarray(rep["shapes"])
-    rec = ex.recalibrate_bn(enc, recal_batches(paths), mesh=mesh, mode="exact")
+    rec = recalibration.recalibrate_bn(enc, recal_batches(paths), mesh=mesh, mode="exact")
     out.update({f"exact/{k}": v for k, v in _stats(rec).items()})
-    rec = dist.recalibrate_images(enc, paths, mesh=mesh, mode="pytorch", **RECAL_KW)
+    rec = recalibration.recalibrate_images(enc, paths, mesh=mesh, mode="pytorch", **RECAL_KW)
     out.update({f"pytorch/{k}": v for k, v in _stats(rec).items()})
     out["recal_extract"] = ex.extract(rec, paths, mesh=mesh, **EXTRACT_KW)[0]
     np.savez(os.path.join(folder, "sharded.npz"), **out)
@@ -189,9 +189,11 @@ def run_sharded(folder: str) -> None:
 
 
 def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -> None:
-    from jretrieval import distributed as dist
+    from jretrieval import extract as ex
+    from jretrieval import mesh as mesh_lib
+    from jretrieval import recalibration
 
-    dist.initialize(
+    mesh_lib.initialize(
         True,
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=num_processes,
@@ -199,15 +201,15 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
         initialization_timeout=60,
     )
     assert jax.process_count() == num_processes and jax.process_index() == process_id
-    mesh = dist.make_mesh()
+    mesh = mesh_lib.make_mesh()
     enc = encoder()
     paths = image_paths(os.path.join(folder, "images"))
-    recs = {m: dist.recalibrate_images(enc, paths, mesh=mesh, mode=m, **RECAL_KW)
+    recs = {m: recalibration.recalibrate_images(enc, paths, mesh=mesh, mode=m, **RECAL_KW)
             for m in ("exact", "pytorch")}  # fmt: skip
     rec = recs["exact"]
     store = os.path.join(folder, "store.h5")
-    desc, rep = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
-    again, rep2 = dist.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
+    desc, rep = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
+    again, rep2 = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     # Sharded retrieval over the global mesh (2 processes x 2 devices): ring across processes.
     from jretrieval import diffusion, sharded
 
@@ -228,7 +230,7 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
         "extract": desc,
         "kept": rep["kept"],
         "skipped": np.asarray([s[0] for s in rep["skipped"]]),
-        "slice": np.asarray([len(paths[dist.process_slice(len(paths))])]),
+        "slice": np.asarray([len(paths[mesh_lib.process_slice(len(paths))])]),
         "again": again,
         "reused": np.asarray(rep2["reused"]),
         **{f"{m}/{k}": v for m, r in recs.items() for k, v in _stats(r).items()},

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import diffusion, expansion, recalibration, search
 from jretrieval import extract as ex
 from tests import device_worker as worker
 
@@ -188,7 +188,7 @@ def test_data_parallel_extraction_and_recalibration(run):
     assert 5 not in rep["kept"]  # the corrupt image
     np.testing.assert_allclose(out["extract"], ref, rtol=1e-5, atol=1e-6)
     for mode in ("exact", "pytorch"):
-        rec = ex.recalibrate_bn(enc, worker.recal_batches(paths), mode=mode)
+        rec = recalibration.recalibrate_bn(enc, worker.recal_batches(paths), mode=mode)
         for key, value in worker._stats(rec).items():
             np.testing.assert_allclose(out[f"{mode}/{key}"], value, rtol=1e-5, atol=1e-6)
         assert not np.allclose(
@@ -202,7 +202,7 @@ def test_data_parallel_extraction_and_recalibration(run):
 
 
 def test_process_slices_cover_the_list_in_order():
-    from jretrieval.distributed import process_slice
+    from jretrieval.mesh import process_slice
 
     for n, count in ((13, 2), (3, 4), (0, 3), (100, 7)):
         parts = [process_slice(n, process_index=p, process_count=count) for p in range(count)]
@@ -216,9 +216,10 @@ def test_process_slices_cover_the_list_in_order():
 def test_one_device_mesh_and_bad_arguments():
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import mesh as mesh_lib
+    from jretrieval import sharded
 
-    mesh = distributed.make_mesh()
+    mesh = mesh_lib.make_mesh()
     assert mesh.devices.size == jax.device_count() == 1 and mesh.axis_names == ("data",)
     x = _inputs()["database"]
     rows = sharded.shard_rows(x, mesh)

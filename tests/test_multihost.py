@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import pytest
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import diffusion, expansion, recalibration, search
 from jretrieval import extract as ex
 from jretrieval import store as store_lib
 from tests import device_worker as worker
@@ -100,7 +100,7 @@ def test_joint_recalibration_equals_one_process(job):
     paths = worker.image_paths(os.path.join(folder, "images"))
     assert [int(o["slice"][0]) for o in outs] == [7, 6]
     for mode in ("exact", "pytorch"):
-        rec = ex.recalibrate_bn(worker.encoder(), worker.recal_batches(paths), mode=mode)
+        rec = recalibration.recalibrate_bn(worker.encoder(), worker.recal_batches(paths), mode=mode)
         for key, value in worker._stats(rec).items():
             for out in outs:
                 np.testing.assert_allclose(out[f"{mode}/{key}"], value, rtol=1e-5, atol=1e-6)
