@@ -296,7 +296,7 @@ def _sharded_ops(mesh: Any) -> _Ops:
             q, db, k, alpha, mesh=mesh, block_size=block_size
         ),
         rank=lambda q, db: sharded.rank(q, db, mesh=mesh),
-        diffusion=lambda q, db, **kw: sharded.diffusion_rank(q, host(db), mesh=mesh, **kw),
+        diffusion=lambda q, db, **kw: diffusion.rank(q, host(db), mesh=mesh, **kw),
     )
 
 

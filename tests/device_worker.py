@@ -120,11 +120,13 @@ def run_sharded(folder: str) -> None:
     out["topk_small_db_i"] = np.asarray(sharded.topk(q[:, :8], small, 8, mesh=mesh)[1])
     out["rank_full"] = np.asarray(sharded.rank(q, db, mesh=mesh))
     out["rank_k"] = np.asarray(sharded.rank(q, db, 25, mesh=mesh, block_size=16))
-    # kNN ring, also with exact duplicates (ties across shards)
+    # diffusion's neighbour stage on the mesh, also with exact duplicates (ties across shards)
+    from jretrieval import diffusion
+
     for tag, x in (("db", db), ("dup", inp["dup"])):
-        s, i = sharded.knn(x, 12, mesh=mesh, block_size=16, query_block=10)
-        out[f"knn_{tag}_s"], out[f"knn_{tag}_i"] = s.to_numpy(), i.to_numpy()
-    out["knn_self_i"] = sharded.knn(db, 9, mesh=mesh, self_first=True)[1].to_numpy()
+        got = diffusion._neighbours(x, 12, 4, mesh=mesh, block_size=16)
+        for name, a in zip(("ids", "ids_kd", "sims_kd"), got, strict=True):
+            out[f"nbr_{tag}_{name}"] = a
     # expansion
     out["aqe0"] = np.asarray(sharded.aqe(q, db, 10, mesh=mesh))
     out["aqe3"] = np.asarray(sharded.aqe(q, db, 7, 3.0, mesh=mesh, block_size=16))
@@ -135,15 +137,16 @@ def run_sharded(folder: str) -> None:
     out["dba_then_rank"] = np.asarray(sharded.rank(q, aug, 10, mesh=mesh))
     # diffusion
     g = inp["graph"]
-    off = sharded.offline(g, mesh=mesh, truncation=60, kd=10, block_size=32, query_block=24)
+    off = diffusion.offline(g, mesh=mesh, truncation=60, kd=10, block_size=32)
     out["off_i"], out["off_v"] = np.asarray(off.indices), np.asarray(off.values)
-    kw = dict(truncation=60, kd=10, block_size=32, query_block=24, solver="xla")
-    out["off_v_xla"] = np.asarray(sharded.offline(g, mesh=mesh, **kw).values)
+    kw = dict(truncation=60, kd=10, block_size=32, solver="xla", node_chunk=7)
+    out["off_v_xla"] = np.asarray(diffusion.offline(g, mesh=mesh, **kw).values)
     gq = inp["graph_queries"]
     for mode in ("joint", "online"):
         out[f"dfs_{mode}"] = np.asarray(
-            sharded.diffusion_rank(gq, g, mesh=mesh, truncation=60, kd=10, kq=5, mode=mode)
+            diffusion.rank(gq, g, mesh=mesh, truncation=60, kd=10, kq=5, mode=mode)
         )
+    out["dfs_online_rank"] = np.asarray(diffusion.online_rank(off, gq, g, kq=5, mesh=mesh))
     # every Table 1 column through ranking.rank_columns on the mesh
     from jretrieval import ranking
 
@@ -208,17 +211,19 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
     desc, rep = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     again, rep2 = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     # Sharded retrieval over the global mesh (2 processes x 2 devices): ring across processes.
-    from jretrieval import sharded
+    from jretrieval import diffusion, sharded
 
     x, q = search_inputs()
     out_search = {
         "mh_topk": np.asarray(sharded.topk(q, x, 5, mesh=mesh)[1]),
-        "mh_knn": sharded.knn(x, 6, mesh=mesh, block_size=8, query_block=8)[1].to_numpy(),
         "mh_dba": sharded.dba(x, 3, mesh=mesh, block_size=8, query_block=8).to_numpy(),
         "mh_aqe": np.asarray(sharded.aqe(q, x, 4, mesh=mesh)),
-        "mh_dfs": np.asarray(
-            sharded.diffusion_rank(q, x, mesh=mesh, truncation=20, kd=5, kq=4, mode="online")
-        ),
+        **{
+            f"mh_dfs_{mode}": np.asarray(
+                diffusion.rank(q, x, mesh=mesh, truncation=20, kd=5, kq=4, mode=mode)
+            )
+            for mode in ("joint", "online")
+        },
     }
     out = {
         **out_search,
