@@ -8,9 +8,9 @@ Run from the repo root, preferably when the machine is otherwise idle (``uptime`
     python -m bench.extract --parts=accuracy      # the same, end to end through the runner
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
-inside its jitted step exactly as extraction does (``jretrieval.extract.make_step``: ``/255``,
+inside its jitted step exactly as extraction does (``jretrieval.steps.make_step``: ``/255``,
 mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``, compiled with
-``extract.CPU_COMPILER_OPTIONS``); PyTorch gets a float32 ``[B, 3, H, W]`` tensor already
+``xla_cpu.CPU_COMPILER_OPTIONS``); PyTorch gets a float32 ``[B, 3, H, W]`` tensor already
 normalised and runs the encoder alone (no pooling), which favours the reference.
 
 ``main`` times, in this one process with interleaved rounds (every configuration once per
@@ -56,7 +56,7 @@ DOC = "docs/bench_extract.md"
 #: compiler_options=...)``, the per-executable form of ``XLA_FLAGS``), in the same interleaved
 #: rounds. jax 0.10's XLA CPU lowers convolutions to YNNPACK fusions by default;
 #: ``xla_cpu_experimental_ynn_fusion_type=""`` turns that off (XLA's Eigen convolutions, 1x1
-#: convolutions rewritten as dots): jretrieval's ``extract.CPU_COMPILER_OPTIONS``.
+#: convolutions rewritten as dots): jretrieval's ``xla_cpu.CPU_COMPILER_OPTIONS``.
 #: ``LIBRARY_FUSION_TYPE_ELTWISE`` lets YNNPACK take whole conv + BN + ReLU (+ residual)
 #: subgraphs (its first call builds them for about a minute at 724 px).
 YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -107,10 +107,10 @@ def jretrieval_step(
     compiled for ``x``'s shape with XLA ``options`` (``None``: plain jit, the default flags)."""
     import jax
 
-    from jretrieval.extract import make_step
+    from jretrieval.steps import Pooling, make_step
 
     encoder = _encoder().with_dtype(dtype)
-    step = make_step(encoder, pooling="rmac", pooling_kwargs={"levels": 3})
+    step = make_step(encoder, Pooling.of("rmac", {"levels": 3}))
     if options is not None:
         step = jax.jit(step).lower(x).compile(compiler_options=options)
     return lambda images: step(images).block_until_ready()
@@ -241,7 +241,7 @@ def _stage_errors(encoder: Any, paths: list[str], policy: Any) -> dict[str, floa
     import jax.numpy as jnp
 
     from jretrieval.datasets import images as images_lib
-    from jretrieval.extract import normalise
+    from jretrieval.steps import normalise
 
     imgs = np.stack([images_lib.load_image(p, policy=policy) for p in paths])
     x = normalise(imgs, encoder.preprocessing["mean"], encoder.preprocessing["std"])
@@ -259,9 +259,10 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
     bfloat16, and float32 on inputs with +-1 grey level of noise (two seeds; the size of
     perturbation the ranking must tolerate anyway), for each BN mode in ``bn_modes``."""
     from configs import demo
-    from jretrieval import experiment, ranking
+    from jretrieval import evaluation, experiment, ranking
     from jretrieval import extract as extract_lib
     from jretrieval.datasets import images as images_lib
+    from jretrieval.steps import Loading
 
     config = demo.get_config()
     config.workdir = workdir
@@ -292,16 +293,14 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
                     enc,
                     paths,
                     bbx=bbx,
-                    policy=policy,
-                    batch_size=config.extraction.batch_size,
-                    loader=loader,
+                    loading=Loading(policy, config.extraction.batch_size, loader=loader),
                     desc=f"demo {bn} {name}",
                 )
                 out.append((desc, np.asarray(report["kept"], np.int64)))
-            desc = experiment.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
-            table, _ = experiment.evaluate_row(
+            desc = evaluation.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
+            table = evaluation.evaluate_row(
                 [desc], dataset, dims=dims, columns=list(config.ranking.columns), params=params
-            )
+            ).figures
             base = desc if base is None else base
             a, b = base.database.astype(np.float64), desc.database.astype(np.float64)
             cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -27,7 +27,7 @@ search and AQE; each timed call then only moves the queries:
 - AQE (k = 10): ``sharded.aqe`` vs faiss search + NumPy weighted sum;
 - DBA (k = 20): ``sharded.dba`` (ring kNN + ring aggregation) vs faiss ``search(db, db, 21)`` +
   NumPy; the kNN step dominates both;
-- diffusion offline (truncation 1000, kd 50, 20 CG steps): ``sharded.offline`` and
+- diffusion offline (truncation 1000, kd 50, 20 CG steps): ``diffusion.offline(mesh=)`` and
   ``diffusion.offline`` vs the authors' recipe (faiss kNN with k = truncation, their mutual-
   neighbour Laplacian in ``scipy.sparse``, one ``scipy.sparse.linalg.cg`` per node in a Python
   loop).
@@ -129,12 +129,13 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
     """One measurement (called in a fresh process). Returns the record for the results file."""
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import mesh as mesh_lib
+    from jretrieval import sharded
 
     x = np.load(data_path(n))
     q, db = x[:NQ], x[NQ:]
     base = _rss_mb()
-    mesh = distributed.make_mesh(jax.local_devices())
+    mesh = mesh_lib.make_mesh(jax.local_devices())
     rec = {"stage": stage, "impl": impl, "n": n, "devices": int(mesh.devices.size)}
     subset = None
     rows = n if n <= FULL_KNN else SUBSET_ROWS
@@ -234,15 +235,16 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
     if impl == "sharded" and n <= FULL_SOLVES:  # sharded.offline's two stages, timed apart
         t = time.perf_counter()
         shards = sharded.shard_rows(db, mesh)
-        ids, ids_kd, a_s = sharded._graph_impl(
-            shards.array, mesh=mesh, n=n, truncation=TRUNCATION, kd=KD, gamma=GAMMA,
-            alpha=ALPHA, block_size=4096, query_block=1024,
+        ids, ids_kd, sims_kd = diffusion._neighbours_mesh(
+            shards.array, mesh=mesh, m=n, truncation=TRUNCATION, kd=KD,
+            rows=diffusion._default_rows(n, None),
         )  # fmt: skip
+        a_s = diffusion._graph_mesh(ids_kd, sims_kd, mesh=mesh, m=n, gamma=GAMMA, alpha=ALPHA)
         jax.block_until_ready(a_s)
-        parts["kNN + mutual graph (ring)"] = time.perf_counter() - t
+        parts["kNN + mutual graph (mesh)"] = time.perf_counter() - t
         t = time.perf_counter()
-        vals = sharded._solve_impl(
-            ids, ids_kd, a_s, mesh=mesh, n=n, node_chunk=16, max_iter=20, tol=1e-6,
+        vals = diffusion._solve_mesh(
+            ids, ids_kd, a_s, mesh=mesh, m=n, node_chunk=16, max_iter=20, tol=1e-6,
             threads=threads,
         )  # fmt: skip
         jax.block_until_ready(vals)
@@ -270,15 +272,11 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
             [np.concatenate([[i], rng.choice(n, TRUNCATION - 1, replace=False)]) for i in
              range(SUBSET_NODES)]
         ).astype(np.int32)  # fmt: skip
-        solve = jax.jit(
-            lambda tb, t: sharded._solve_chunk(tb, t, ids_kd, a_s, max_iter=20, tol=1e-6),
-            donate_argnums=0,
-        )
-        table = jnp.full((16, n), -1, jnp.int32)  # the position table the chunks carry
-        table, _ = jax.block_until_ready(solve(table, jnp.asarray(t_ids[:16])))  # compile
+        solve = jax.jit(lambda t: diffusion._solve_rows(t, ids_kd, a_s, max_iter=20, tol=1e-6))
+        jax.block_until_ready(solve(jnp.asarray(t_ids[:16])))  # compile
         t = time.perf_counter()
         for s in range(0, SUBSET_NODES, 16):
-            table, _ = jax.block_until_ready(solve(table, jnp.asarray(t_ids[s : s + 16])))
+            jax.block_until_ready(solve(jnp.asarray(t_ids[s : s + 16])))
         parts["per-node solves"] = (time.perf_counter() - t) * n / SUBSET_NODES
         notes.append(
             f"XLA solves extrapolated from {SUBSET_NODES} nodes (x {n / SUBSET_NODES:.0f})"
@@ -303,16 +301,16 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         notes.append(f"Laplacian and solves: per-node times measured at N={per_node['n']} x N")
         return {"seconds": sum(parts.values()), "parts": parts, "note": "; ".join(notes)}
     t = time.perf_counter()
-    from bench.diffusion import ref_laplacian, ref_solves  # the same recipe, restated once
+    from references.diffusion_authors import get_laplacian, offline_rows
 
-    lap = ref_laplacian(sims, ids, KD)
+    lap = get_laplacian(sims[:, :KD], ids[:, :KD])
     parts["Laplacian (authors' loop)"] = time.perf_counter() - t
     nodes = np.arange(n)
     if n > FULL_SCIPY_SOLVES:
         nodes = np.linspace(0, n - 1, SUBSET_NODES).astype(np.int64)
         notes.append(f"solves extrapolated from {len(nodes)} nodes (x {n / len(nodes):.0f})")
     t = time.perf_counter()
-    ref_solves(lap, ids, nodes)
+    offline_rows(lap, ids, nodes)
     parts["per-node CG loop"] = (time.perf_counter() - t) * n / len(nodes)
     return {
         "seconds": sum(parts.values()),
@@ -389,7 +387,7 @@ LABELS = {
     ("aqe", "faiss"): "faiss + NumPy",
     ("dba", "sharded"): "jretrieval.sharded.dba",
     ("dba", "faiss"): "faiss + NumPy",
-    ("diffusion", "sharded"): "jretrieval.sharded.offline",
+    ("diffusion", "sharded"): "jretrieval.diffusion.offline(mesh=)",
     ("diffusion", "diffusion"): "jretrieval.diffusion.offline",
     ("diffusion", "scipy"): "authors' recipe (faiss, SciPy CG loop)",
 }

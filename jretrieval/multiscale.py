@@ -2,7 +2,8 @@
 
 Shape convention: image batches ``uint8 [B, H, W, 3]`` (as decoded by
 ``jretrieval.datasets.images``) in, descriptors float32 ``[B, D]`` out, as
-``jretrieval.extract.make_step``, which this module's step replaces when ``scales != (1,)``.
+``jretrieval.steps.make_step``, which this module's step replaces when ``scales != (1,)``;
+``extract_at_scales`` is ``jretrieval.extract.extract`` with that step (one device, one process).
 
 The formula is cirtorch's ``extract_ms`` (Radenovic et al., "Fine-tuning CNN image retrieval
 with no human annotation", TPAMI 2018; filipradenovic/cnnimageretrieval-pytorch), with its
@@ -18,7 +19,7 @@ usual ``ms = [1, 1/sqrt(2), 1/2]`` (``CIRTORCH_SCALES``):
    (cirtorch's ``msp``), ``p = 1`` otherwise (a plain average);
 4. ``v / ||v||``.
 
-``scales == (1,)`` is exactly the single-scale step (``extract.make_step``): the stored
+``scales == (1,)`` is exactly the single-scale step (``steps.make_step``): the stored
 descriptors are then the unnormalised pooled vectors, as everywhere else (the pipeline
 L2-normalises them first).
 
@@ -28,19 +29,27 @@ A ``map_size`` (AMDIM's map resized to 23x23 at 724 px) is scaled with the image
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jretrieval import extract as extract_lib
+from jretrieval import steps, xla_cpu
 from jretrieval.pooling import POOLING
 
-__all__ = ["CIRTORCH_SCALES", "make_step", "parse_scales", "power_for", "rescale"]
+__all__ = [
+    "CIRTORCH_SCALES",
+    "extract_at_scales",
+    "make_step",
+    "parse_scales",
+    "power_for",
+    "rescale",
+]
 
 #: cirtorch's multi-scale setting ``ms = [1, 1/sqrt(2), 1/2]``.
 CIRTORCH_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
@@ -107,10 +116,6 @@ def _l2(v: jax.Array) -> jax.Array:
     return v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + _EPS)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("module", "scales", "pooling", "pooling_kwargs", "map_size", "map_method"),
-)
 def _describe_ms(
     module: Any,
     variables: Any,
@@ -119,19 +124,17 @@ def _describe_ms(
     std: jax.Array,
     *,
     scales: tuple[float, ...],
-    pooling: str,
-    pooling_kwargs: tuple,
-    map_size: tuple[int, int] | None,
-    map_method: str,
+    pooling: steps.Pooling,
 ) -> jax.Array:
-    x = extract_lib.normalise(images, mean, std)
-    kwargs = dict(pooling_kwargs)
-    power = power_for(pooling, kwargs)
+    x = steps.normalise(images, mean, std)
+    kwargs = dict(pooling.kwargs)
+    power = power_for(pooling.name, kwargs)
+    map_size = pooling.map_size
     total = None
     for s in scales:
         xs = x if s == 1.0 else rescale(x, s)
         fmap, stages = module.apply(variables, xs, train=False)
-        if pooling == extract_lib.MODEL_POOLING:
+        if pooling.name == steps.MODEL_POOLING:
             d = stages["descriptor"].astype(jnp.float32)
         else:
             fmap = fmap.astype(jnp.float32)
@@ -139,53 +142,74 @@ def _describe_ms(
                 size = (max(1, round(map_size[0] * s)), max(1, round(map_size[1] * s)))
                 if tuple(fmap.shape[1:3]) != size:
                     b, _, _, c = fmap.shape
-                    fmap = jax.image.resize(fmap, (b, *size, c), method=map_method, antialias=True)
-            d = POOLING[pooling](fmap, **kwargs).astype(jnp.float32)
+                    shape = (b, *size, c)
+                    fmap = jax.image.resize(fmap, shape, method=pooling.map_method, antialias=True)
+            d = POOLING[pooling.name](fmap, **kwargs).astype(jnp.float32)
         term = _l2(d) ** power
         total = term if total is None else total + term
     return _l2((total / len(scales)) ** (1.0 / power))
 
 
-def make_step(
-    encoder: Any,
-    *,
-    scales: Sequence[float],
-    pooling: str = "rmac",
-    pooling_kwargs: Mapping[str, Any] | None = None,
-    map_size: tuple[int, int] | None = None,
-    map_method: str = "linear",
-) -> Callable[[ArrayLike], jax.Array]:
-    """The extraction step ``uint8 [B, H, W, 3] -> float32 [B, D]`` at ``scales``.
+_describe = xla_cpu.jit_pair(_describe_ms, ("module", "scales", "pooling"))
 
-    ``scales == (1,)`` returns ``extract.make_step(...)`` itself; other scales the multi-scale
-    descriptor of the module docstring (unit rows), one jitted call per batch shape.
+
+def make_step(
+    encoder: Any, *, scales: Sequence[float], pooling: steps.Pooling | str = "rmac"
+) -> Callable[[ArrayLike], jax.Array]:
+    """The extraction step ``uint8 [B, H, W, 3] -> float32 [B, D]`` at ``scales`` (one device).
+
+    ``scales == (1,)`` returns ``steps.make_step(encoder, pooling)`` itself; other scales the
+    multi-scale descriptor of the module docstring (unit rows), one jitted call per batch shape
+    (compiled with ``xla_cpu``'s CPU options, as the single-scale step).
     """
     scales = parse_scales(scales)
+    pooling = steps.Pooling.of(pooling) if isinstance(pooling, str) else steps.Pooling.of(*pooling)
+    single = steps.make_step(encoder, pooling)  # also validates pooling and preprocessing
     if scales == (1.0,):
-        return extract_lib.make_step(
-            encoder,
-            pooling=pooling,
-            pooling_kwargs=pooling_kwargs,
-            map_size=map_size,
-            map_method=map_method,
-        )
-    # The single-scale step validates pooling, map_size and preprocessing for us.
-    extract_lib.make_step(
-        encoder, pooling=pooling, pooling_kwargs=pooling_kwargs, map_size=map_size
-    )
-    pre = encoder.preprocessing
-    mean = jnp.asarray(pre["mean"], jnp.float32)
-    std = jnp.asarray(pre["std"], jnp.float32)
-    fixed = dict(
-        scales=scales,
-        pooling=pooling,
-        pooling_kwargs=tuple(sorted((pooling_kwargs or {}).items())),
-        map_size=None if map_size is None else (int(map_size[0]), int(map_size[1])),
-        map_method=map_method,
-    )
+        return single
+    mean, std = steps.mean_std(encoder)
     module, variables = encoder.module, encoder.variables
 
     def step(images: ArrayLike) -> jax.Array:
-        return _describe_ms(module, variables, images, mean, std, **fixed)
+        fn = xla_cpu.pick(_describe, images)
+        return fn(module, variables, images, mean, std, scales=scales, pooling=pooling)
 
     return step
+
+
+def extract_at_scales(
+    encoder: Any,
+    paths: Sequence[str],
+    *,
+    scales: Sequence[float] = (1.0,),
+    loading: steps.Loading | None = None,
+    pooling: steps.Pooling | str = "rmac",
+    bbx: Sequence[Any] | None = None,
+    ids: Sequence[str] | None = None,
+    store: str | None = None,
+    key: Mapping[str, Any] | None = None,
+    mesh: Any = None,
+    desc: str = "extract",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``jretrieval.extract.extract`` at ``scales`` (same arguments and results).
+
+    A single scale is ``extract.extract`` itself (data parallel over ``mesh``, split between
+    processes). Several scales run this module's step on the default device of one process
+    (the store's ``key`` must name the scales: the caller puts them in its user settings).
+    """
+    scales = parse_scales(scales)
+    common = dict(loading=loading, pooling=pooling, bbx=bbx, ids=ids, store=store, key=key)
+    if scales == (1.0,):
+        return extract_lib.extract(encoder, paths, mesh=mesh, desc=desc, **common)
+    if jax.process_count() > 1:
+        raise ValueError(f"scales={scales}: multi-scale extraction runs in one process only")
+    paths = [str(p) for p in paths]
+    loading = steps.Loading() if loading is None else loading
+    pooling = steps.Pooling.of(pooling) if isinstance(pooling, str) else steps.Pooling.of(*pooling)
+    ids = list(paths) if ids is None else [str(i) for i in ids]
+    if store is not None and key is None:
+        raise ValueError("extract_at_scales with a store needs its key (naming the scales)")
+    step = make_step(encoder, scales=scales, pooling=pooling)
+    # extract's loop with our step (TODO(merge): extract.extract(step=...) would make it public)
+    return extract_lib._extract(step, 1, paths, loading=loading, bbx=bbx, ids=ids,
+                                store=store, key=key, desc=desc)  # fmt: skip

@@ -50,7 +50,7 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import diffusion, expansion, paper, search
 
 __all__ = [
     "COLUMNS",
@@ -58,6 +58,7 @@ __all__ = [
     "ColumnSpec",
     "RankingParams",
     "check_columns",
+    "column_spec",
     "params_from_config",
     "rank_column",
     "rank_columns",
@@ -72,18 +73,15 @@ class ColumnSpec(NamedTuple):
     dfs: bool
 
 
-#: Table 1's columns, in the paper's order.
-SPECS: dict[str, ColumnSpec] = {
-    "G": ColumnSpec(dba=False, aqe=False, dfs=False),
-    "G+AQE": ColumnSpec(dba=False, aqe=True, dfs=False),
-    "G+DFS": ColumnSpec(dba=False, aqe=False, dfs=True),
-    "G+DBA": ColumnSpec(dba=True, aqe=False, dfs=False),
-    "G+AQE+DFS": ColumnSpec(dba=False, aqe=True, dfs=True),
-    "G+DBA+AQE": ColumnSpec(dba=True, aqe=True, dfs=False),
-    "G+DBA+DFS": ColumnSpec(dba=True, aqe=False, dfs=True),
-    "G+DBA+AQE+DFS": ColumnSpec(dba=True, aqe=True, dfs=True),
-}
-COLUMN_NAMES: tuple[str, ...] = tuple(SPECS)
+def column_spec(name: str) -> ColumnSpec:
+    """The stages a column composes, read from its name: the "+"-separated parts after "G"."""
+    stages = name.split("+")
+    return ColumnSpec(dba="DBA" in stages, aqe="AQE" in stages, dfs="DFS" in stages)
+
+
+#: Table 1's columns (``jretrieval.paper.COLUMNS``), in the paper's order, and their stages.
+SPECS: dict[str, ColumnSpec] = {name: column_spec(name) for name in paper.COLUMNS}
+COLUMN_NAMES: tuple[str, ...] = paper.COLUMNS
 
 DIFFUSION_KEYS = ("truncation", "kd", "kq", "gamma", "alpha", "mode", "solver")
 
@@ -298,7 +296,7 @@ def _sharded_ops(mesh: Any) -> _Ops:
             q, db, k, alpha, mesh=mesh, block_size=block_size
         ),
         rank=lambda q, db: sharded.rank(q, db, mesh=mesh),
-        diffusion=lambda q, db, **kw: sharded.diffusion_rank(q, host(db), mesh=mesh, **kw),
+        diffusion=lambda q, db, **kw: diffusion.rank(q, host(db), mesh=mesh, **kw),
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jretrieval import extract, models, multiscale
+from jretrieval import models, multiscale, steps
 from jretrieval.pooling import POOLING
 from references import cirtorch
 
@@ -46,7 +46,7 @@ def test_multiscale_equals_cirtorch_extract_ms(tiny_zoo, pooling, kwargs, shape)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, *shape, 3), dtype=np.uint8)
     step = multiscale.make_step(
-        encoder, scales=multiscale.CIRTORCH_SCALES, pooling=pooling, pooling_kwargs=kwargs
+        encoder, scales=multiscale.CIRTORCH_SCALES, pooling=steps.Pooling.of(pooling, kwargs)
     )
     ours = np.asarray(step(images))
     msp = multiscale.power_for(pooling, kwargs)
@@ -62,7 +62,7 @@ def test_single_scale_is_the_plain_step(tiny_zoo):
     encoder = models.init_encoder(ARCH, seed=1)
     images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     single = multiscale.make_step(encoder, scales=(1,), pooling="rmac")
-    plain = extract.make_step(encoder, pooling="rmac")
+    plain = steps.make_step(encoder, "rmac")
     np.testing.assert_array_equal(np.asarray(single(images)), np.asarray(plain(images)))
 
 

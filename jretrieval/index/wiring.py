@@ -20,7 +20,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from jretrieval import diffusion, distributed, expansion, models, multiscale, search, whitening
+from jretrieval import (
+    diffusion,
+    expansion,
+    keys,
+    models,
+    multiscale,
+    recalibration,
+    search,
+    steps,
+    whitening,
+)
 from jretrieval import extract as extract_lib
 from jretrieval import store as store_lib
 from jretrieval.datasets import images as images_lib
@@ -111,7 +121,7 @@ def resolve_model(
             logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", model, spec["seed"])
             encoder = models.init_encoder(spec["architecture"], seed=int(spec["seed"]))
             source = {"model": model, "random_init": spec["architecture"], "seed": spec["seed"]}
-    kwargs = dict(pooling_kwargs or {}) if pooling != extract_lib.MODEL_POOLING else {}
+    kwargs = dict(pooling_kwargs or {}) if pooling != steps.MODEL_POOLING else {}
     return encoder, ModelSpec(
         name=name,
         source=source,
@@ -125,9 +135,7 @@ def resolve_model(
 
 def params_digest(encoder: models.Encoder) -> str:
     """SHA-256 of the weights without the BN statistics (recalibration changes those)."""
-    return extract_lib.variables_digest(
-        {k: v for k, v in encoder.variables.items() if k != "batch_stats"}
-    )
+    return keys.variables_digest({k: v for k, v in encoder.variables.items() if k != "batch_stats"})
 
 
 def with_batch_stats(encoder: models.Encoder, batch_stats: Any) -> models.Encoder:
@@ -170,17 +178,25 @@ def image_size(path: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- extraction
 
 
+def _loading(size: int, batch_size: int, loader: Any = None) -> steps.Loading:
+    """The experiment's decoding: fixed ``size x size`` resize, batches of ``batch_size``."""
+    return steps.Loading.of({"mode": "fixed", "size": size}, batch_size=batch_size, loader=loader)
+
+
+def _pooling(spec: Mapping[str, Any]) -> steps.Pooling:
+    return steps.Pooling.of(spec["pooling"], spec["pooling_kwargs"], spec.get("map_size"))
+
+
 def recalibrate(
     encoder: models.Encoder, paths: Sequence[str], *, mode: str, size: int, batch_size: int
 ) -> models.Encoder:
     """BN statistics re-estimated over ``paths`` (``exact`` | ``pytorch``; ``none``: as is)."""
     if mode == "none":
         return encoder
-    return distributed.recalibrate_images(
+    return recalibration.recalibrate_images(
         encoder,
         list(paths),
-        policy={"mode": "fixed", "size": size},
-        batch_size=batch_size,
+        loading=_loading(size, batch_size),
         mode=mode,
         momentum=0.1,
         desc="recalibrate BN",
@@ -189,13 +205,7 @@ def recalibrate(
 
 def make_step(encoder: models.Encoder, spec: Mapping[str, Any], scales: Sequence[float]):
     """The extraction step (single- or multi-scale) of ``spec``'s pooling."""
-    return multiscale.make_step(
-        encoder,
-        scales=scales,
-        pooling=spec["pooling"],
-        pooling_kwargs=spec["pooling_kwargs"],
-        map_size=None if spec.get("map_size") is None else tuple(spec["map_size"]),
-    )
+    return multiscale.make_step(encoder, scales=scales, pooling=_pooling(spec))
 
 
 def extract(
@@ -211,28 +221,22 @@ def extract(
     loader: Any = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Raw descriptors ``[N, C]`` of ``paths`` through the resumable store under ``workdir``."""
-    policy = {"mode": "fixed", "size": size}
-    common = dict(
-        bbx=None,
-        policy=policy,
-        pooling=spec["pooling"],
-        pooling_kwargs=spec["pooling_kwargs"],
-        map_size=None if spec.get("map_size") is None else tuple(spec["map_size"]),
-        map_method="linear",
-    )
+    loading = _loading(size, batch_size, loader)
+    pooling = _pooling(spec)
     user = {"model": spec["name"], "part": "index", "scales": list(scales)}
-    full = extract_lib.extraction_settings(encoder, ids, paths=paths, settings=user, **common)
-    store = store_lib.store_path(workdir, model=spec["name"], dataset="index", settings=full)
-    return extract_lib.extract(
+    key = extract_lib.store_key(
+        encoder, paths, ids=ids, bbx=None, loading=loading, pooling=pooling, user=user
+    )
+    store = store_lib.store_path(workdir, model=spec["name"], dataset="index", settings=key)
+    return multiscale.extract_at_scales(
         encoder,
         list(paths),
-        **common,
-        batch_size=batch_size,
-        store=store,
-        settings=user,
+        scales=scales,
+        loading=loading,
+        pooling=pooling,
         ids=list(ids),
-        step=make_step(encoder, spec, scales),
-        loader=loader,
+        store=store,
+        key=key,
         desc="index images",
     )
 
