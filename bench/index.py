@@ -156,14 +156,13 @@ def bench_demo(args: argparse.Namespace) -> str:
         config = demo_config.get_config()
         config.ranking.columns = ("G",)
         config.output.top10_queries = 0
-        config.output.dir = os.path.join(tempfile.gettempdir(), "bench_index_demo")
         config.extraction.scales = scales
         start = time.perf_counter()
         results = experiment.run(config)
         seconds = time.perf_counter() - start
-        g = results["models"]["random_resnet50"]["G"]["mAP"]
+        g = results.models["random_resnet50"]["G"]["mAP"]
         label = ", ".join(f"{s:.4g}" for s in scales)
-        extract_s = results["timings"]["models"]["random_resnet50"]
+        extract_s = results.timings["models"]["random_resnet50"]
         rows.append(
             f"| ({label}) | {g:.2f} | {extract_s['database'] + extract_s['queries']:.0f} | "
             f"{seconds:.0f} |"

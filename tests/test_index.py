@@ -4,7 +4,7 @@ One index is built by the command line in a fresh process (``python -m jretrieva
 build`` with the tiny encoder saved as a converted file), from the generated dataset's database
 images; the dataset's queries, cropped to their boxes, are then asked through the command line
 (another fresh process) and through the Python API. Their top-10 must be the ranks that the
-experiment's own functions (``experiment.describe`` -> ``experiment.postprocess`` ->
+experiment's own functions (``experiment.describe`` -> ``evaluation.postprocess`` ->
 ``ranking.rank_columns``, as ``experiment.evaluate_row``) give for the same model and settings:
 G, G+AQE (``--aqe``) and G+DFS in online mode (``--diffusion``). Exact equality: the same
 functions on the same images give the same bits (the database descriptors are compared
@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 from absl import flags
 
-from jretrieval import experiment, models, ranking
+from jretrieval import evaluation, experiment, models, ranking
 from jretrieval.index import FORMAT, Index, IndexFileError, QueryError
 from jretrieval.index import __main__ as cli
 from tests.helpers import TinyNet, make_config, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"name": "tiny", "features": 32}
-SETTINGS = ["--size=48", "--pca_dim=16", "--bn=exact"]
+SETTINGS = ["--size=48", "--pca_dim=16"]  # --bn: pytorch, as the experiment's default
 # The CLI in a fresh interpreter, with the tests' tiny architecture registered first.
 LAUNCH = (
     "import sys; from absl import app; from jretrieval import models; "
@@ -100,7 +100,7 @@ def setup(tmp_path_factory):
         config.diffusion = {**ranking.RankingParams().diffusion, "mode": "online"}
         dataset = experiment.load_data(config)
         raw = experiment.describe(config, "tiny_a", dataset)
-        db, q = experiment.postprocess(raw.database, raw.queries, dim=16)
+        db, q = evaluation.postprocess(raw.database, raw.queries, dim=16)
         ranks = ranking.rank_columns(q, db, config, ["G", "G+AQE", "G+DFS"])
         yield {
             "tmp": tmp,
@@ -321,5 +321,5 @@ def test_multiscale_index_equals_the_experiment_hook(setup, tiny_zoo, tmp_path):
     config.extraction.scales = (1.0, 2**-0.5, 0.5)
     raw = experiment.describe(config, "tiny_a", setup["dataset"])
     np.testing.assert_allclose(np.linalg.norm(raw.database, axis=1), 1.0, atol=1e-5)
-    db, _ = experiment.postprocess(raw.database, raw.queries, dim=16)
+    db, _ = evaluation.postprocess(raw.database, raw.queries, dim=16)
     np.testing.assert_array_equal(index.database, np.asarray(db))

@@ -1,7 +1,7 @@
 r"""Command line: build an index of a folder of images once, then query it with new images.
 
     python -m jretrieval.index build --model=baseline --checkpoint_dir=converted \
-        --images=photos/ --out=runs/photos_index [--size=724 --pca_dim=512 --bn=exact \
+        --images=photos/ --out=runs/photos_index [--size=724 --pca_dim=512 --bn=pytorch \
         --dba=0 --diffusion --scales=1 --export=npy|faiss]
     python -m jretrieval.index build --checkpoint=converted/simclr2x.h5 \
         --dataset=roxford5k --data_root=data --out=runs/roxford_index
@@ -40,7 +40,9 @@ flags.DEFINE_string("data_root", "data", "build: root folder of --dataset.")
 flags.DEFINE_string("out", None, "build: the index directory; query --export: its folder.")
 flags.DEFINE_integer("size", 724, "build: fixed resize to size x size pixels (the paper).")
 flags.DEFINE_integer("pca_dim", 512, "build: PCA-whitening dimensions (0: L2 only).")
-flags.DEFINE_enum("bn", "exact", ["exact", "pytorch", "none"], "build: BN recalibration.")
+flags.DEFINE_enum(
+    "bn", "pytorch", ["pytorch", "exact", "none"], "build: BN recalibration (pytorch: the paper)."
+)
 flags.DEFINE_integer("dba", 0, "build: DBA neighbours (0: off).")
 flags.DEFINE_string("scales", "1", "build: image scales, e.g. 1 or 1,0.7071,0.5 ('ms': cirtorch).")
 flags.DEFINE_bool(

@@ -110,7 +110,7 @@ class Index:
         Keyword arguments (``jretrieval.index.build.build_index``): the images (``images=DIR``
         or ``dataset=NAME, data_root=DIR``), the model (``model=`` zoo name with
         ``checkpoint_dir=``, ``checkpoint=FILE.h5``, or ``encoder=`` an ``Encoder`` with
-        ``model_name=``), ``size=724``, ``pca_dim=512`` (0: none), ``bn="exact"``, ``dba=0``,
+        ``model_name=``), ``size=724``, ``pca_dim=512`` (0: none), ``bn="pytorch"``, ``dba=0``,
         ``diffusion=False`` (``True`` or a dict of Yang et al.'s parameters), ``scales=(1,)``,
         ``batch_size=8``.
         """

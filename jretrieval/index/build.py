@@ -103,7 +103,7 @@ def build_index(
     model_name: str | None = None,
     size: int = 724,
     pca_dim: int = 512,
-    bn: str = "exact",
+    bn: str = "pytorch",
     dba: int = 0,
     diffusion: bool | Mapping[str, Any] = False,
     scales: Sequence[float] | str = (1.0,),

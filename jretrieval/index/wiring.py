@@ -22,6 +22,7 @@ from absl import logging
 
 from jretrieval import (
     diffusion,
+    evaluation,
     expansion,
     keys,
     models,
@@ -245,10 +246,15 @@ def extract(
 
 
 def learn_whitening(raw: np.ndarray, dim: int) -> whitening.PCAWhitening | None:
-    """PCA-whitening learned on the L2-normalised ``raw`` database (``dim`` 0: none)."""
+    """PCA-whitening learned on the database as the experiment learns it (``dim`` 0: none).
+
+    ``evaluation.learn_whitening`` on the L2-normalised descriptors, exactly the call
+    ``evaluation.postprocess`` makes (it L2-normalises its input once more), so the index's
+    whitening is bit-identical to the experiment's.
+    """
     if dim == 0:
         return None
-    pca = whitening.learn_pca(whitening.l2_normalize(raw))
+    pca = evaluation.learn_whitening(whitening.l2_normalize(raw), None, learn_on="database")
     components = int(pca.projection.shape[1])
     if dim > components:
         raise ValueError(
