@@ -116,7 +116,7 @@ def resolve_model(
                     f"--model={model!r}: converted file {path!r} not found "
                     f"(--checkpoint_dir={checkpoint_dir!r}); run bin/convert_checkpoints.sh"
                 )
-            encoder = models.load(path)
+            encoder = models.load(path, expected=spec.get("architecture"))  # the zoo's
             source = {"model": model, "checkpoint": os.path.abspath(path)}
         else:
             logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", model, spec["seed"])
