@@ -83,7 +83,8 @@ def test_blocking_bounds_the_similarity_block():
                     yield from shapes(param)
 
     all_shapes = list(shapes(jaxpr.jaxpr))
-    assert (q, k + block) in all_shapes  # the running merge is there
+    # the running merge is there (equal blocks: 16 blocks of 63 rows for N = 1000)
+    assert (q, k + 63) in all_shapes
     assert max(np.prod(s) for s in all_shapes if s and s[0] == q) <= q * (k + block)
 
 
@@ -128,7 +129,7 @@ def test_jit_and_bfloat16():
         (np.zeros((2, 4)), np.zeros((5, 3)), 1, r"queries \(2, 4\), database \(5, 3\)"),
         (np.zeros((0, 4)), np.zeros((5, 4)), 1, r"queries is empty.*\(0, 4\)"),
         (np.zeros((2, 4)), np.zeros((0, 4)), None, r"database is empty"),
-        (np.zeros((2, 4)), np.zeros((5, 4)), 6, r"k=6.*\(5, 4\).*N = 5"),
+        (np.zeros((2, 4)), np.zeros((5, 4)), 6, r"k=6 is out of range.*<= 5.*\(5, 4\) has N = 5"),
         (np.zeros((2, 4)), np.zeros((5, 4)), -1, r"k=-1"),
         (np.zeros(4), np.zeros((5, 4)), 1, r"queries must be a \[N, D\].*\(4,\)"),
         (np.zeros((2, 4), np.int32), np.zeros((5, 4)), 1, r"queries must be a float array"),
@@ -210,7 +211,7 @@ def test_self_topk_equals_masked_argsort(block_size):
 
 def test_self_topk_bad_input():
     x = np.ones((5, 3), np.float32)
-    with pytest.raises(ValueError, match=r"k=5 is out of range for database \(5, 3\).*<= 4"):
+    with pytest.raises(ValueError, match=r"k=5 is out of range.*<= 4.*database \(5, 3\)"):
         search.self_topk(x, 5)
     with pytest.raises(ValueError, match=r"database is empty"):
         search.self_topk(x[:0], 1)
