@@ -99,6 +99,17 @@ def test_topk_and_rank_equal_one_device(run):
     s64 = np.take_along_axis(q.astype(np.float64) @ db.astype(np.float64).T, full, axis=1)
     assert (np.diff(s64, axis=1) <= 1e-6).all()
     np.testing.assert_array_equal(out["rank_k"], full[:, :25])
+    # the Index places the sharded database once and answers the same
+    np.testing.assert_array_equal(out["index_topk_i"], ref_i)
+    np.testing.assert_array_equal(out["index_rank"], full)
+
+
+def test_bad_arguments_same_messages_on_the_mesh(run):
+    inp, out, _ = run
+    for key, call in worker.bad_calls(inp["queries"], inp["database"]).items():
+        with pytest.raises(ValueError) as one_device:
+            call(None)
+        assert str(out[f"error/{key}"]) == str(one_device.value), key
 
 
 def test_knn_ring_equals_one_device_including_ties(run):
@@ -114,6 +125,9 @@ def test_knn_ring_equals_one_device_including_ties(run):
     np.testing.assert_allclose(out["knn_dup_s"], np.asarray(s1), atol=1e-6)
     assert (out["knn_dup_s"][:, 0] > 0.99999).all()
     # self_first: the own index first, then the 8 nearest others
+    # search.self_topk on the ring, own index excluded, ties across shards
+    ref_dup = np.asarray(search.self_topk(dup, 11)[1])
+    np.testing.assert_array_equal(out["self_topk_dup_i"], ref_dup)
     own = out["knn_self_i"]
     np.testing.assert_array_equal(own[:, 0], np.arange(203))
     np.testing.assert_array_equal(own[:, 1:], ref_i[:, 1:9])
@@ -212,7 +226,7 @@ def test_process_slices_cover_the_list_in_order():
 def test_one_device_mesh_and_bad_arguments():
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import distributed, expansion, search, sharded
 
     mesh = distributed.make_mesh()
     assert mesh.devices.size == jax.device_count() == 1 and mesh.axis_names == ("data",)
@@ -222,18 +236,18 @@ def test_one_device_mesh_and_bad_arguments():
     np.testing.assert_array_equal(rows.to_numpy(), x)
     assert sharded.shard_rows(rows, mesh) is rows  # already placed: not copied again
     q = _inputs()["queries"]
-    s, i = sharded.topk(q, rows, 0, mesh=mesh)
+    s, i = search.topk(q, rows, 0, mesh=mesh)
     assert s.shape == i.shape == (9, 0)
     with pytest.raises(ValueError, match="k=204 is out of range"):
-        sharded.topk(q, x, 204, mesh=mesh)
+        search.topk(q, x, 204, mesh=mesh)
     with pytest.raises(ValueError, match="different descriptor sizes"):
-        sharded.topk(q[:, :8], x, 3, mesh=mesh)
+        search.topk(q[:, :8], x, 3, mesh=mesh)
     bad = x.copy()
     bad[7, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
-        sharded.aqe(q, bad, 3, mesh=mesh)
+        expansion.aqe(q, bad, 3, mesh=mesh)
     with pytest.raises(ValueError, match="k=203 is out of range"):
-        sharded.dba(x, 203, mesh=mesh)
+        expansion.dba(x, 203, mesh=mesh)
     with pytest.raises(ValueError, match="kd=61"):
         sharded.offline(x, mesh=mesh, truncation=60, kd=61)
     with pytest.raises(ValueError, match="block_size must be a positive int"):
