@@ -347,11 +347,11 @@ def place(database: Any, mesh: Mesh | None) -> tuple[Any, int]:
 
 
 def place_queries(queries: Any, mesh: Mesh | None) -> Any:
-    return (
-        queries
-        if mesh is None or isinstance(queries, jax.core.Tracer)
-        else replicate(jnp.asarray(queries), mesh)
-    )
+    """The queries replicated over ``mesh`` (one transfer); as they are without a mesh (the
+    jitted call transfers them)."""
+    if mesh is None or isinstance(queries, jax.core.Tracer):
+        return queries
+    return replicate(queries, mesh)
 
 
 def _topk(queries, database, k, mesh, block_size, check_db=True):
