@@ -157,7 +157,11 @@ def raise_if_not_finite(flag: jax.Array, **named: Any) -> None:
         return
     for name, x in named.items():
         check_finite(x, name)
-    raise ValueError(f"non-finite values in {', '.join(named)}")
+    # The flag comes from the similarities: finite inputs whose products overflow float32.
+    raise ValueError(
+        f"the similarities of {' and '.join(named)} are not finite although the inputs are: "
+        "values too large for float32 products (descriptors are expected L2-normalised)"
+    )
 
 
 @jax.jit

@@ -49,7 +49,6 @@ from jretrieval.checks import (
     check_pair,
     check_positive,
     check_shape,
-    finite_flag,
     raise_if_not_finite,
 )
 from jretrieval.mesh import Sharded
@@ -83,13 +82,12 @@ def gather_sum(x: jax.Array, idx: jax.Array, w: jax.Array, *, start=0) -> jax.Ar
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh", "n"))
 def _aqe_impl(queries, db, alpha, *, k, block, mesh, n):
     q = queries.astype(jnp.float32)
-    flag = finite_flag(q, db)
     if mesh is None:
         db = db.astype(jnp.float32)
-        scores, idx = search.topk_local(q, db, k=k, block=block)
+        scores, idx, flag = search.topk_local(q, db, k=k, block=block)
         return l2_normalize(q + gather_sum(db, idx, weights(scores, alpha))), flag
     axis = mesh_lib.axis_name(mesh)
-    scores, idx = search.topk_sharded(q, db, mesh=mesh, k=k, n=n, block=block)
+    scores, idx, flag = search.topk_sharded(q, db, mesh=mesh, k=k, n=n, block=block)
 
     def body(q, x, idx, w):
         x = x.astype(jnp.float32)
@@ -102,11 +100,10 @@ def _aqe_impl(queries, db, alpha, *, k, block, mesh, n):
 
 @functools.partial(jax.jit, static_argnames=("k", "n", "block", "query_block", "mesh"))
 def _dba_impl(db, alpha, *, k, n, block, query_block, mesh):
-    flag = finite_flag(db)
     kw = dict(k=k, n=n, block=block, query_block=query_block, own="exclude")
     if mesh is None:
         x = db.astype(jnp.float32)
-        scores, idx = search.self_topk_rows(x, **kw)
+        scores, idx, flag = search.self_topk_rows(x, **kw)
         return l2_normalize(x + gather_sum(x, idx, weights(scores, alpha))), flag
     axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
@@ -115,16 +112,16 @@ def _dba_impl(db, alpha, *, k, n, block, query_block, mesh):
         x = x.astype(jnp.float32)
         s = x.shape[0]
         d = lax.axis_index(axis)
-        scores, idx = search.self_topk_rows(x, device=d, axis=axis, size=size, **kw)
+        scores, idx, ok = search.self_topk_rows(x, device=d, axis=axis, size=size, **kw)
         w = weights(scores, alpha)
 
         def add(acc, blk, owner):
             return acc + gather_sum(blk, idx, w, start=owner * s)
 
         total = search.ring(add, jnp.zeros_like(x), x, device=d, axis=axis, size=size)
-        return l2_normalize(x + total)
+        return l2_normalize(x + total), search.all_devices(ok, axis)
 
-    return mesh_lib.shard_map(mesh, body, (P(axis), P()), P(axis))(db, alpha), flag
+    return mesh_lib.shard_map(mesh, body, (P(axis), P()), (P(axis), P()))(db, alpha)
 
 
 def aqe(

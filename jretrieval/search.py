@@ -111,8 +111,11 @@ def block_topk(q, x, k, *, start, n, block, own_ids=None, own_score=None):
     ``n``), scored ``block`` rows at a time with a running merge (earlier rows win ties).
 
     ``own_ids`` ``[Q]`` with ``own_score`` (``+inf``/``-inf``): a query's own id scores that.
-    Returns float32 ``[Q, k]`` and int32 ``[Q, k]``; slots without a candidate hold ``-inf``
-    and the placeholder index ``n``.
+    Returns float32 ``[Q, k]``, int32 ``[Q, k]`` (slots without a candidate hold ``-inf`` and
+    the placeholder index ``n``) and a bool scalar: every similarity was finite. A NaN or inf
+    anywhere in a query or database row makes all of that row's similarities NaN or inf, so
+    this is the inputs' finiteness check at ``Q x N`` instead of ``N x D`` reads (it is also
+    False if finite inputs overflow float32).
     """
     s = x.shape[0]
     num = -(-s // min(block, s))
@@ -123,13 +126,14 @@ def block_topk(q, x, k, *, start, n, block, own_ids=None, own_score=None):
         r = lo + jnp.arange(bs, dtype=jnp.int32)
         gid = start + r
         sc = _similarities(q, blk)
+        ok = jnp.all(jnp.isfinite(sc))  # padding rows are zeros: finite
         if own_ids is not None:
             sc = jnp.where(gid[None, :] == own_ids[:, None], own_score, sc)
         valid = (r >= fresh_from) & (gid < n)
-        return jnp.where(valid[None, :], sc, -jnp.inf), jnp.broadcast_to(gid, sc.shape)
+        return jnp.where(valid[None, :], sc, -jnp.inf), jnp.broadcast_to(gid, sc.shape), ok
 
     if num == 1:
-        sc, gid = scores(0, 0)
+        sc, gid, ok = scores(0, 0)
         kk = min(k, bs)
         top, pos = lax.top_k(sc, kk)
         idx = jnp.take_along_axis(gid, pos, axis=1)
@@ -139,16 +143,20 @@ def block_topk(q, x, k, *, start, n, block, own_ids=None, own_score=None):
     else:
 
         def body(carry, j):
-            best_s, best_i = carry
-            sc, gid = scores(jnp.minimum(j * bs, s - bs), j * bs)
+            best_s, best_i, ok = carry
+            sc, gid, ok_j = scores(jnp.minimum(j * bs, s - bs), j * bs)
             all_s = jnp.concatenate([best_s, sc], axis=1)
             all_i = jnp.concatenate([best_i, gid], axis=1)
             top, pos = lax.top_k(all_s, k)
-            return (top, jnp.take_along_axis(all_i, pos, axis=1)), None
+            return (top, jnp.take_along_axis(all_i, pos, axis=1), ok & ok_j), None
 
-        init = (jnp.full((q.shape[0], k), -jnp.inf), jnp.full((q.shape[0], k), n, jnp.int32))
-        top, idx = lax.scan(body, init, jnp.arange(num))[0]
-    return top, jnp.where(jnp.isneginf(top), n, idx).astype(jnp.int32)
+        init = (
+            jnp.full((q.shape[0], k), -jnp.inf),
+            jnp.full((q.shape[0], k), n, jnp.int32),
+            jnp.array(True),
+        )
+        top, idx, ok = lax.scan(body, init, jnp.arange(num))[0]
+    return top, jnp.where(jnp.isneginf(top), n, idx).astype(jnp.int32), ok
 
 
 def lexi_merge(s1, i1, s2, i2, k):
@@ -207,7 +215,8 @@ def self_topk_rows(x, *, k, n, block, query_block, own, device=0, axis=None, siz
     """Each own row's ``k`` nearest rows of the whole (ring-distributed) database.
 
     ``x`` ``[s, D]``: this device's rows (global ids ``device * s + r``); ``own`` a key of
-    ``OWN``. One device: ``device=0, size=1``. Returns ``[s, k]`` scores and indices."""
+    ``OWN``. One device: ``device=0, size=1``. Returns ``[s, k]`` scores and indices and this
+    device's finiteness flag (``block_topk``'s)."""
     x = x.astype(jnp.float32)
     s = x.shape[0]
 
@@ -216,26 +225,29 @@ def self_topk_rows(x, *, k, n, block, query_block, own, device=0, axis=None, siz
             q = lax.dynamic_slice_in_dim(x, lo, old[0].shape[0])
             ids = device * s + lo + jnp.arange(q.shape[0], dtype=jnp.int32)
             kw = {} if OWN[own] is None else dict(own_ids=ids, own_score=OWN[own])
-            cs, ci = block_topk(q, blk, k, start=owner * s, n=n, block=block, **kw)
-            return lexi_merge(old[0], old[1], cs, ci, k) if size > 1 else (cs, ci)
+            cs, ci, ok = block_topk(q, blk, k, start=owner * s, n=n, block=block, **kw)
+            ok = old[2] & ok  # per row, so that the chunks' state stays [rows, ...]
+            return (*lexi_merge(old[0], old[1], cs, ci, k), ok) if size > 1 else (cs, ci, ok)
 
         return row_chunks(update, state, s, query_block)
 
-    init = (jnp.full((s, k), -jnp.inf), jnp.full((s, k), n, jnp.int32))
-    return ring(merge, init, x, device=device, axis=axis, size=size)
+    init = (jnp.full((s, k), -jnp.inf), jnp.full((s, k), n, jnp.int32), jnp.ones((s,), bool))
+    top, idx, ok = ring(merge, init, x, device=device, axis=axis, size=size)
+    return top, idx, jnp.all(ok)
 
 
 # ----------------------------------------------------------------------------- jitted paths
 
 
 def topk_local(q, db, *, k, block):
-    """One device: ``block_topk`` over the whole database (traceable)."""
+    """One device: ``block_topk`` over the whole database (traceable): scores, ids, finite."""
     return block_topk(q.astype(jnp.float32), db.astype(jnp.float32), k, start=0,
                       n=db.shape[0], block=block)  # fmt: skip
 
 
 def topk_sharded(q, db, *, mesh, k, n, block):
-    """A mesh: ``block_topk`` per shard, all-gather, one merge (traceable; replicated out)."""
+    """A mesh: ``block_topk`` per shard, all-gather, one merge (traceable; replicated out):
+    scores, ids, finite."""
     axis = mesh_lib.axis_name(mesh)
 
     def body(q, x):
@@ -243,22 +255,31 @@ def topk_sharded(q, db, *, mesh, k, n, block):
         start = lax.axis_index(axis) * x.shape[0]
         # At most a shard's rows per device: n_dev * min(k, s) >= k candidates in all, and a
         # full ranking (k = N) gathers [Q, N], not n_dev copies of it.
-        s, i = block_topk(q, x, min(k, x.shape[0]), start=start, n=n, block=block)
+        s, i, ok = block_topk(q, x, min(k, x.shape[0]), start=start, n=n, block=block)
         s_all = jnp.moveaxis(lax.all_gather(s, axis), 0, 1).reshape(q.shape[0], -1)
         i_all = jnp.moveaxis(lax.all_gather(i, axis), 0, 1).reshape(q.shape[0], -1)
         top, pos = lax.top_k(s_all, k)  # device order = index order: lower index first on ties
-        return top, jnp.take_along_axis(i_all, pos, axis=1)
+        return top, jnp.take_along_axis(i_all, pos, axis=1), all_devices(ok, axis)
 
-    return mesh_lib.shard_map(mesh, body, (P(), P(axis)), (P(), P()))(q.astype(jnp.float32), db)
+    specs = (P(), P(), P())
+    return mesh_lib.shard_map(mesh, body, (P(), P(axis)), specs)(q.astype(jnp.float32), db)
+
+
+def all_devices(ok: jax.Array, axis: str) -> jax.Array:
+    """A per-device bool, True on every device iff it is True on all (inside ``shard_map``)."""
+    return lax.psum(jnp.where(ok, 0, 1), axis) == 0
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh", "n", "check_db"))
 def _topk_impl(q, db, *, k, block, mesh, n, check_db):
-    """(scores, indices, finite flag of the inputs); ``db`` the placed database."""
-    flag = finite_flag(q, db) if check_db else finite_flag(q)
+    """(scores, indices, finite flag of the inputs); ``db`` the placed database. The flag is
+    ``block_topk``'s (from the similarities), or the queries' alone when the database was
+    checked when placed (``check_db=False``, an ``Index``: fewer reads for small ``Q``)."""
     if mesh is None:
-        return (*topk_local(q, db, k=k, block=block), flag)
-    return (*topk_sharded(q, db, mesh=mesh, k=k, n=n, block=block), flag)
+        s, i, ok = topk_local(q, db, k=k, block=block)
+    else:
+        s, i, ok = topk_sharded(q, db, mesh=mesh, k=k, n=n, block=block)
+    return s, i, ok if check_db else finite_flag(q)
 
 
 def _sort_rows_desc(s: np.ndarray, out: np.ndarray) -> None:
@@ -309,8 +330,8 @@ def _argsort_desc_xla(s: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("check_db",))
 def _full_rank_impl(q, db, *, check_db):
     """One device: (indices ``[Q, N]``, finite flag of the inputs)."""
-    flag = finite_flag(q, db) if check_db else finite_flag(q)
     s = _similarities(q.astype(jnp.float32), db.astype(jnp.float32))
+    flag = jnp.all(jnp.isfinite(s)) if check_db else finite_flag(q)  # as block_topk's
     idx = lax.platform_dependent(s, cpu=_argsort_desc_cpu, default=_argsort_desc_xla)
     return idx, flag
 
@@ -319,18 +340,18 @@ def _full_rank_impl(q, db, *, check_db):
     jax.jit, static_argnames=("k", "n", "block", "query_block", "own", "mesh")
 )  # fmt: skip
 def _self_topk_impl(x, *, k, n, block, query_block, own, mesh):
-    flag = finite_flag(x)
+    """(scores, indices, finite flag); sharded rows on a mesh."""
     if mesh is None:
-        kw = dict(k=k, n=n, block=block, query_block=query_block, own=own)
-        return (*self_topk_rows(x, **kw), flag)
+        return self_topk_rows(x, k=k, n=n, block=block, query_block=query_block, own=own)
     axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
 
     def body(x):
-        return self_topk_rows(x, k=k, n=n, block=block, query_block=query_block, own=own,
-                              device=lax.axis_index(axis), axis=axis, size=size)  # fmt: skip
+        s, i, ok = self_topk_rows(x, k=k, n=n, block=block, query_block=query_block, own=own,
+                                  device=lax.axis_index(axis), axis=axis, size=size)  # fmt: skip
+        return s, i, all_devices(ok, axis)
 
-    return (*mesh_lib.shard_map(mesh, body, P(axis), (P(axis), P(axis)))(x), flag)
+    return mesh_lib.shard_map(mesh, body, P(axis), (P(axis), P(axis), P()))(x)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -71,7 +71,7 @@ def _knn_impl(db, *, mesh, k, n, block_size, query_block, self_first):
     out = search._self_topk_impl(
         db, k=k, n=n, block=block_size, query_block=query_block, own=own, mesh=mesh
     )
-    return out[0], out[1]
+    return out[0], out[1]  # (the finiteness flag: the callers checked their input)
 
 
 # ----------------------------------------------------------------------------- diffusion
