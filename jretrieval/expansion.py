@@ -182,7 +182,7 @@ def dba(
       alpha: weight exponent as in ``aqe``.
       mesh: a 1-D device mesh: rows split along N, neighbours found and summed on the ring.
       block_size: database rows scored at once; query_block: own rows at once (``None``:
-        1024). Memory ``query_block x block_size`` similarities (per device).
+        512). Memory ``query_block x block_size`` similarities (per device).
 
     Returns:
       ``[N, D]`` float32 augmented database with unit-norm rows; ``Sharded`` rows on a mesh.

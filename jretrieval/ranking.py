@@ -100,8 +100,8 @@ class RankingParams(NamedTuple):
       combined_dba_k: DBA neighbours when combined with AQE (20).
       aqe_alpha, dba_alpha: weighting exponents (0: plain averages; see ``jretrieval.expansion``).
       block_size: database rows scored at once by the searches and the expansions' kNN
-        (memory ``Q x block_size`` for search and AQE, ``1024 x block_size`` for DBA's chunks
-        of 1024 database rows); ``None``: ``jretrieval.search``'s default.
+        (memory ``Q x block_size`` for search and AQE, at most ``512 x block_size`` for DBA's
+        chunks of 512 database rows); ``None``: ``jretrieval.search``'s default.
       diffusion: keyword arguments of ``jretrieval.diffusion.rank``.
     """
 

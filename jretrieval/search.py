@@ -17,8 +17,12 @@ around the ring (``ppermute``) and each step's candidates are merged by (score d
 ``block_size`` has one meaning everywhere: the number of database rows scored at once (per
 device), so a similarity block holds ``rows x block_size`` floats, ``rows`` being ``Q`` for
 ``topk``/``rank``/``Index`` and ``query_block`` for ``self_topk``. ``None`` (default) picks
-``max(1024, 2**24 // rows)``, i.e. blocks of about 64 MiB of float32 scores: one block for 100
-queries against 160k rows, 16384 rows for ``self_topk``'s 1024-row chunks.
+``max(1024, 2**19 // rows)``, i.e. blocks of about 2 MiB of float32 scores, which stay in the
+CPU's caches between the product and the merge (5,242 rows for 100 queries; measured 1.3-1.6x
+faster at 500k than one 64 MiB block). ``self_topk`` scores chunks of ``query_block`` own rows
+(default 512); on one device it walks the symmetric matrix in square tiles of
+``min(block_size, query_block)`` rows (half the products), on a mesh in ``query_block x
+block_size`` tiles.
 
 Ties: equal scores are ordered by increasing database index (``lax.top_k`` keeps the lower
 position first; the running merge puts earlier blocks first; shards are gathered in index
@@ -85,10 +89,10 @@ __all__ = [
 ]
 
 _HIGHEST = lax.Precision.HIGHEST
-#: similarity entries per block when ``block_size`` is None (64 MiB of float32).
-BLOCK_BUDGET = 1 << 24
-#: own rows per chunk of ``self_topk`` when ``query_block`` is None.
-QUERY_BLOCK = 1024
+#: similarity entries per block when ``block_size`` is None (2 MiB of float32: cache-sized).
+BLOCK_BUDGET = 1 << 19
+#: own rows per chunk of ``self_topk`` (and its one-device tile side) when ``query_block`` is None.
+QUERY_BLOCK = 512
 #: how ``self_topk`` scores a row against itself.
 OWN = {"keep": None, "exclude": -jnp.inf, "first": jnp.inf}
 
@@ -145,10 +149,7 @@ def block_topk(q, x, k, *, start, n, block, own_ids=None, own_score=None):
         def body(carry, j):
             best_s, best_i, ok = carry
             sc, gid, ok_j = scores(jnp.minimum(j * bs, s - bs), j * bs)
-            all_s = jnp.concatenate([best_s, sc], axis=1)
-            all_i = jnp.concatenate([best_i, gid], axis=1)
-            top, pos = lax.top_k(all_s, k)
-            return (top, jnp.take_along_axis(all_i, pos, axis=1), ok & ok_j), None
+            return (*merge(best_s, best_i, sc, gid, k), ok & ok_j), None
 
         init = (
             jnp.full((q.shape[0], k), -jnp.inf),
@@ -157,6 +158,16 @@ def block_topk(q, x, k, *, start, n, block, own_ids=None, own_score=None):
         )
         top, idx, ok = lax.scan(body, init, jnp.arange(num))[0]
     return top, jnp.where(jnp.isneginf(top), n, idx).astype(jnp.int32), ok
+
+
+def merge(best_s, best_i, sc, ids, k):
+    """Top ``k`` of a running ``[R, k]`` list and a new ``[R, B]`` block of scores (``ids``
+    ``[B]`` or ``[R, B]``). The running entries come first, so on equal scores ``lax.top_k``
+    keeps them: they hold the lower indices as long as blocks arrive in increasing order."""
+    all_s = jnp.concatenate([best_s, sc], axis=1)
+    all_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, sc.shape)], axis=1)
+    top, pos = lax.top_k(all_s, k)
+    return top, jnp.take_along_axis(all_i, pos, axis=1)
 
 
 def lexi_merge(s1, i1, s2, i2, k):
@@ -211,12 +222,55 @@ def ring(fn, state, x, *, device, axis, size):
     return lax.scan(step, (state, x), jnp.arange(1, size))[0][0]
 
 
+def self_topk_pairs(x, *, k, block, own):
+    """One device: each row's ``k`` nearest rows of ``x`` ``[N, D]`` from the symmetric
+    similarity matrix, block pair by block pair (``i <= j``; each ``block x block`` tile serves
+    rows ``i`` and, transposed, rows ``j``): half the products of ``N`` rows against all.
+    Returns ``[N, k]`` scores and indices and the finiteness flag (as ``block_topk``)."""
+    x = x.astype(jnp.float32)
+    n, d = x.shape
+    b = min(block, n)
+    nb = -(-n // b)
+    blocks = jnp.pad(x, ((0, nb * b - n), (0, 0))).reshape(nb, b, d)
+    # i-major pairs: every row block meets the column blocks in increasing order, which keeps
+    # "lower index first" on ties through the running merge.
+    pairs = np.array([(i, j) for i in range(nb) for j in range(i, nb)], np.int32)
+    offsets = jnp.arange(b, dtype=jnp.int32)
+    diagonal = offsets[:, None] == offsets[None, :]
+
+    def step(carry, pair):
+        best_s, best_i, ok = carry
+        i, j = pair[0], pair[1]
+        sc = _similarities(blocks[i], blocks[j])  # rows i x columns j, and transposed
+        ok = ok & jnp.all(jnp.isfinite(sc))
+        if OWN[own] is not None:
+            sc = jnp.where(diagonal & (i == j), OWN[own], sc)
+        cols_i, cols_j = i * b + offsets, j * b + offsets
+        bs, bi = merge(best_s[i], best_i[i], jnp.where(cols_j < n, sc, -jnp.inf), cols_j, k)
+        best_s, best_i = best_s.at[i].set(bs), best_i.at[i].set(bi)
+        sc_t = jnp.where((cols_i < n)[None, :] & (i != j), sc.T, -jnp.inf)  # not on i == j
+        bs, bi = merge(best_s[j], best_i[j], sc_t, cols_i, k)
+        return (best_s.at[j].set(bs), best_i.at[j].set(bi), ok), None
+
+    init = (
+        jnp.full((nb, b, k), -jnp.inf, jnp.float32),
+        jnp.full((nb, b, k), n, jnp.int32),
+        jnp.array(True),
+    )
+    (top, idx, ok), _ = lax.scan(step, init, jnp.asarray(pairs))
+    top, idx = top.reshape(nb * b, k)[:n], idx.reshape(nb * b, k)[:n]
+    return top, jnp.where(jnp.isneginf(top), n, idx), ok
+
+
 def self_topk_rows(x, *, k, n, block, query_block, own, device=0, axis=None, size=1):
     """Each own row's ``k`` nearest rows of the whole (ring-distributed) database.
 
     ``x`` ``[s, D]``: this device's rows (global ids ``device * s + r``); ``own`` a key of
-    ``OWN``. One device: ``device=0, size=1``. Returns ``[s, k]`` scores and indices and this
-    device's finiteness flag (``block_topk``'s)."""
+    ``OWN``. One device (``size=1``): ``self_topk_pairs`` in tiles of
+    ``min(block, query_block)`` rows (half the products). Returns ``[s, k]`` scores and indices
+    and this device's finiteness flag (``block_topk``'s)."""
+    if size == 1:
+        return self_topk_pairs(x, k=k, block=min(block, query_block), own=own)
     x = x.astype(jnp.float32)
     s = x.shape[0]
 
@@ -227,7 +281,7 @@ def self_topk_rows(x, *, k, n, block, query_block, own, device=0, axis=None, siz
             kw = {} if OWN[own] is None else dict(own_ids=ids, own_score=OWN[own])
             cs, ci, ok = block_topk(q, blk, k, start=owner * s, n=n, block=block, **kw)
             ok = old[2] & ok  # per row, so that the chunks' state stays [rows, ...]
-            return (*lexi_merge(old[0], old[1], cs, ci, k), ok) if size > 1 else (cs, ci, ok)
+            return (*lexi_merge(old[0], old[1], cs, ci, k), ok)
 
         return row_chunks(update, state, s, query_block)
 
@@ -480,7 +534,7 @@ def self_topk(
       exclude_self, self_first: the own index's treatment (not both).
       mesh: a 1-D device mesh: rows split along N, shards passed around the ring.
       block_size: database rows scored at once; query_block: own rows at once (``None``:
-        1024). Memory ``query_block x block_size`` similarities per device.
+        512). Memory ``query_block x block_size`` similarities per device.
 
     Returns:
       ``(scores, indices)``: float32 ``[N, k]`` descending and int32 ``[N, k]`` (ties: lower
