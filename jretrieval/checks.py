@@ -10,7 +10,7 @@ here, before it places anything on a device, so a bad argument gets the same ``V
 Shapes, ``k`` and block sizes are checked eagerly and cheaply (no values read; this also works
 on tracers under an outer ``jax.jit``). Finiteness needs the values: the jitted computations
 return a flag beside their result (no extra dispatch): ``finite_flag`` of small inputs, or, for
-a database, whether every similarity was finite (``search.block_topk``: a NaN or inf in a row
+a database, whether every similarity was finite (``topk.block_topk``: a NaN or inf in a row
 makes all its similarities non-finite, so this reads ``Q x N`` scores already in hand instead of
 ``N x D`` values). ``raise_if_not_finite`` turns a False flag into the error naming the argument
 and its first bad rows (the host pass runs only then). Under an outer ``jit`` the flag is a

@@ -16,7 +16,7 @@ Definitions:
 * ``k = 0`` returns the L2-normalised input.
 
 L2 is ``x / (||x|| + 1e-6)`` (``jretrieval.whitening.l2_normalize``). The neighbours come from
-``jretrieval.search``'s kernels (``block_topk`` for AQE, ``self_topk_rows`` for DBA), so ties go
+``jretrieval.topk``'s kernels (``block_topk`` for AQE, ``self_topk_rows`` for DBA), so ties go
 to the lower index and memory is bounded by ``block_size`` (database rows scored at once: a
 ``Q x block_size`` block for AQE, ``query_block x block_size`` for DBA). The weighted sum of
 neighbours is one kernel, ``gather_sum``, over a block of database rows that knows its row
@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jretrieval import mesh as mesh_lib
-from jretrieval import search
+from jretrieval import search, topk
 from jretrieval.checks import (
     check_alpha,
     check_finite,
@@ -103,7 +103,7 @@ def _dba_impl(db, alpha, *, k, n, block, query_block, mesh):
     kw = dict(k=k, n=n, block=block, query_block=query_block, own="exclude")
     if mesh is None:
         x = db.astype(jnp.float32)
-        scores, idx, flag = search.self_topk_rows(x, **kw)
+        scores, idx, flag = topk.self_topk_rows(x, **kw)
         return l2_normalize(x + gather_sum(x, idx, weights(scores, alpha))), flag
     axis = mesh_lib.axis_name(mesh)
     size = mesh.devices.size
@@ -112,14 +112,14 @@ def _dba_impl(db, alpha, *, k, n, block, query_block, mesh):
         x = x.astype(jnp.float32)
         s = x.shape[0]
         d = lax.axis_index(axis)
-        scores, idx, ok = search.self_topk_rows(x, device=d, axis=axis, size=size, **kw)
+        scores, idx, ok = topk.self_topk_rows(x, device=d, axis=axis, size=size, **kw)
         w = weights(scores, alpha)
 
         def add(acc, blk, owner):
             return acc + gather_sum(blk, idx, w, start=owner * s)
 
-        total = search.ring(add, jnp.zeros_like(x), x, device=d, axis=axis, size=size)
-        return l2_normalize(x + total), search.all_devices(ok, axis)
+        total = topk.ring(add, jnp.zeros_like(x), x, device=d, axis=axis, size=size)
+        return l2_normalize(x + total), topk.all_devices(ok, axis)
 
     return mesh_lib.shard_map(mesh, body, (P(axis), P()), (P(axis), P()))(db, alpha)
 

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jretrieval import diffusion, native, search
+from jretrieval import diffusion, native, search, topk
 from jretrieval import mesh as mesh_lib
 from jretrieval.checks import check_k, check_positive
 from jretrieval.mesh import Sharded, replicate, shard_rows, to_host
@@ -60,8 +60,8 @@ _HIGHEST = lax.Precision.HIGHEST
 
 # ----------------------------------------------------------------------------- kernels
 
-# The block top-k, its merges and the ring kNN are jretrieval.search's (each formula once).
-_row_chunks = search.row_chunks
+# The block top-k, its merges and the ring kNN are jretrieval.topk's (each formula once).
+_row_chunks = topk.row_chunks
 
 
 def _knn_impl(db, *, mesh, k, n, block_size, query_block, self_first):
