@@ -7,7 +7,7 @@ Run from the repository root, never by pytest itself:
         python -m tests.device_worker multihost DIR PROCESS_ID NUM_PROCESSES PORT
 
 ``sharded`` reads ``DIR/inputs.npz`` (descriptor sets written by the test) and the images in
-``DIR/images``, runs every sharded stage on the 4-device mesh and writes ``DIR/sharded.npz``.
+``DIR/images``, runs every stage with ``mesh=`` the 4-device mesh and writes ``DIR/sharded.npz``.
 ``multihost`` joins a ``jax.distributed`` job on ``127.0.0.1:PORT`` (CPU collectives over gloo),
 recalibrates and extracts its share of ``DIR/images`` and writes ``DIR/process<ID>.npz``.
 
@@ -84,6 +84,26 @@ def search_inputs() -> tuple[np.ndarray, np.ndarray]:
     return x[:50], x[50:]
 
 
+def bad_calls(q: np.ndarray, db: np.ndarray) -> dict:
+    """Bad search/expansion calls, ``fn(mesh)``: each must raise the same ``ValueError`` on one
+    device (``mesh=None``) and on a mesh."""
+    from jretrieval import expansion, search
+
+    bad = db.copy()
+    bad[7, 3] = np.nan
+    return {
+        "k": lambda mesh: search.topk(q, db, len(db) + 1, mesh=mesh),
+        "dims": lambda mesh: search.rank(q[:, :8], db, 3, mesh=mesh),
+        "empty": lambda mesh: search.topk(q[:0], db, 3, mesh=mesh),
+        "block": lambda mesh: search.topk(q, db, 3, mesh=mesh, block_size=0),
+        "nan": lambda mesh: expansion.aqe(q, bad, 3, mesh=mesh),
+        "nan_index": lambda mesh: search.Index(bad, mesh=mesh),
+        "dba_k": lambda mesh: expansion.dba(db, len(db), mesh=mesh),
+        "alpha": lambda mesh: expansion.dba(db, 3, -1.0, mesh=mesh),
+        "self_k": lambda mesh: search.self_topk(db, len(db), mesh=mesh),
+    }
+
+
 def image_paths(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".png"))
 
@@ -104,7 +124,6 @@ def _stats(enc: Encoder) -> dict[str, np.ndarray]:
 
 def run_sharded(folder: str) -> None:
     from jretrieval import mesh as mesh_lib
-    from jretrieval import sharded
 
     mesh = mesh_lib.make_mesh()
     assert mesh.devices.size == 4, jax.devices()
@@ -113,13 +132,20 @@ def run_sharded(folder: str) -> None:
     q, db = inp["queries"], inp["database"]
 
     # search: default blocks, small blocks (scan), k larger than a shard, full ranking
-    for tag, bs in (("big", 16384), ("small", 7)):
-        s, i = sharded.topk(q, db, 10, mesh=mesh, block_size=bs)
+    from jretrieval import expansion, search
+
+    for tag, bs in (("big", None), ("small", 7)):
+        s, i = search.topk(q, db, 10, mesh=mesh, block_size=bs)
         out[f"topk_{tag}_s"], out[f"topk_{tag}_i"] = np.asarray(s), np.asarray(i)
     small = inp["small"]
-    out["topk_small_db_i"] = np.asarray(sharded.topk(q[:, :8], small, 8, mesh=mesh)[1])
-    out["rank_full"] = np.asarray(sharded.rank(q, db, mesh=mesh))
-    out["rank_k"] = np.asarray(sharded.rank(q, db, 25, mesh=mesh, block_size=16))
+    out["topk_small_db_i"] = np.asarray(search.topk(q[:, :8], small, 8, mesh=mesh)[1])
+    out["rank_full"] = np.asarray(search.rank(q, db, mesh=mesh))
+    out["rank_k"] = np.asarray(search.rank(q, db, 25, mesh=mesh, block_size=16))
+    index = search.Index(db, mesh=mesh, block_size=7)  # placed once, sharded along N
+    out["index_topk_i"] = np.asarray(index.topk(q, np.int64(10))[1])
+    out["index_rank"] = np.asarray(index.rank(q))
+    ex_i = search.self_topk(inp["dup"], 11, mesh=mesh, block_size=16, query_block=10)[1]
+    out["self_topk_dup_i"] = ex_i.to_numpy()
     # diffusion's neighbour stage on the mesh, also with exact duplicates (ties across shards)
     from jretrieval import diffusion
 
@@ -128,13 +154,20 @@ def run_sharded(folder: str) -> None:
         for name, a in zip(("ids", "ids_kd", "sims_kd"), got, strict=True):
             out[f"nbr_{tag}_{name}"] = a
     # expansion
-    out["aqe0"] = np.asarray(sharded.aqe(q, db, 10, mesh=mesh))
-    out["aqe3"] = np.asarray(sharded.aqe(q, db, 7, 3.0, mesh=mesh, block_size=16))
-    out["dba0"] = sharded.dba(db, 20, mesh=mesh).to_numpy()
-    out["dba3"] = sharded.dba(db, 5, 3.0, mesh=mesh, block_size=16, query_block=10).to_numpy()
-    out["dba_dup"] = sharded.dba(inp["dup"], 3, mesh=mesh, block_size=16).to_numpy()
-    aug = sharded.dba(db, 20, mesh=mesh)  # Sharded output feeds the next stage unchanged
-    out["dba_then_rank"] = np.asarray(sharded.rank(q, aug, 10, mesh=mesh))
+    out["aqe0"] = np.asarray(expansion.aqe(q, db, 10, mesh=mesh))
+    out["aqe3"] = np.asarray(expansion.aqe(q, db, 7, 3.0, mesh=mesh, block_size=16))
+    out["dba0"] = expansion.dba(db, 20, mesh=mesh).to_numpy()
+    out["dba3"] = expansion.dba(db, 5, 3.0, mesh=mesh, block_size=16, query_block=10).to_numpy()
+    out["dba_dup"] = expansion.dba(inp["dup"], 3, mesh=mesh, block_size=16).to_numpy()
+    aug = expansion.dba(db, 20, mesh=mesh)  # Sharded output feeds the next stage unchanged
+    out["dba_then_rank"] = np.asarray(search.rank(q, aug, 10, mesh=mesh))
+    # bad arguments: the messages on the 4-device mesh (compared with one device's)
+    for key, call in bad_calls(q, db).items():
+        try:
+            call(mesh)
+            out[f"error/{key}"] = np.asarray("no error")
+        except ValueError as e:
+            out[f"error/{key}"] = np.asarray(str(e))
     # diffusion
     g = inp["graph"]
     off = diffusion.offline(g, mesh=mesh, truncation=60, kd=10, block_size=32)
@@ -156,9 +189,9 @@ def run_sharded(folder: str) -> None:
     # structure: the ring uses collective-permute and holds no N x N matrix
     n_big = 2048
     big = np.random.default_rng(1).standard_normal((n_big, 32)).astype(np.float32)
-    shards = sharded.shard_rows(big, mesh)
-    lowered = sharded._knn_impl.lower(
-        shards.array, mesh=mesh, k=8, n=n_big, block_size=64, query_block=64, self_first=False
+    shards = mesh_lib.shard_rows(big, mesh)
+    lowered = search._self_topk_impl.lower(
+        shards.array, k=8, n=n_big, block=64, query_block=64, own="keep", mesh=mesh
     )
     hlo = lowered.compile().as_text()
     out["ring_permutes"] = np.asarray(hlo.count("collective-permute"))
@@ -211,13 +244,14 @@ def run_multihost(folder: str, process_id: int, num_processes: int, port: int) -
     desc, rep = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     again, rep2 = ex.extract(rec, paths, mesh=mesh, store=store, **EXTRACT_KW)
     # Sharded retrieval over the global mesh (2 processes x 2 devices): ring across processes.
-    from jretrieval import diffusion, sharded
+    from jretrieval import diffusion, expansion, search
 
     x, q = search_inputs()
     out_search = {
-        "mh_topk": np.asarray(sharded.topk(q, x, 5, mesh=mesh)[1]),
-        "mh_dba": sharded.dba(x, 3, mesh=mesh, block_size=8, query_block=8).to_numpy(),
-        "mh_aqe": np.asarray(sharded.aqe(q, x, 4, mesh=mesh)),
+        "mh_topk": np.asarray(search.topk(q, x, 5, mesh=mesh)[1]),
+        "mh_index": np.asarray(search.Index(x, mesh=mesh).topk(q, 5)[1]),
+        "mh_dba": expansion.dba(x, 3, mesh=mesh, block_size=8, query_block=8).to_numpy(),
+        "mh_aqe": np.asarray(expansion.aqe(q, x, 4, mesh=mesh)),
         **{
             f"mh_dfs_{mode}": np.asarray(
                 diffusion.rank(q, x, mesh=mesh, truncation=20, kd=5, kq=4, mode=mode)

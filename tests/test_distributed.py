@@ -99,6 +99,17 @@ def test_topk_and_rank_equal_one_device(run):
     s64 = np.take_along_axis(q.astype(np.float64) @ db.astype(np.float64).T, full, axis=1)
     assert (np.diff(s64, axis=1) <= 1e-6).all()
     np.testing.assert_array_equal(out["rank_k"], full[:, :25])
+    # the Index places the sharded database once and answers the same
+    np.testing.assert_array_equal(out["index_topk_i"], ref_i)
+    np.testing.assert_array_equal(out["index_rank"], full)
+
+
+def test_bad_arguments_same_messages_on_the_mesh(run):
+    inp, out, _ = run
+    for key, call in worker.bad_calls(inp["queries"], inp["database"]).items():
+        with pytest.raises(ValueError) as one_device:
+            call(None)
+        assert str(out[f"error/{key}"]) == str(one_device.value), key
 
 
 def test_diffusion_neighbours_on_the_mesh_equal_one_device_including_ties(run):
@@ -119,6 +130,9 @@ def test_diffusion_neighbours_on_the_mesh_equal_one_device_including_ties(run):
         assert all(
             set(a) == set(b) for a, b in zip(out[f"nbr_{tag}_ids"], want[:, :12], strict=True)
         )
+    # search.self_topk on the ring, own index excluded, ties across shards
+    dup = inp["dup"]
+    np.testing.assert_array_equal(out["self_topk_dup_i"], np.asarray(search.self_topk(dup, 11)[1]))
 
 
 def test_aqe_dba_equal_one_device_and_numpy(run):
@@ -217,28 +231,27 @@ def test_one_device_mesh_and_bad_arguments():
     import jax
 
     from jretrieval import mesh as mesh_lib
-    from jretrieval import sharded
 
     mesh = mesh_lib.make_mesh()
     assert mesh.devices.size == jax.device_count() == 1 and mesh.axis_names == ("data",)
     x = _inputs()["database"]
-    rows = sharded.shard_rows(x, mesh)
+    rows = mesh_lib.shard_rows(x, mesh)
     assert rows.n == 203 and rows.array.shape == (203, 24)
     np.testing.assert_array_equal(rows.to_numpy(), x)
-    assert sharded.shard_rows(rows, mesh) is rows  # already placed: not copied again
+    assert mesh_lib.shard_rows(rows, mesh) is rows  # already placed: not copied again
     q = _inputs()["queries"]
-    s, i = sharded.topk(q, rows, 0, mesh=mesh)
+    s, i = search.topk(q, rows, 0, mesh=mesh)
     assert s.shape == i.shape == (9, 0)
     with pytest.raises(ValueError, match="k=204 is out of range"):
-        sharded.topk(q, x, 204, mesh=mesh)
+        search.topk(q, x, 204, mesh=mesh)
     with pytest.raises(ValueError, match="different descriptor sizes"):
-        sharded.topk(q[:, :8], x, 3, mesh=mesh)
+        search.topk(q[:, :8], x, 3, mesh=mesh)
     bad = x.copy()
     bad[7, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
-        sharded.aqe(q, bad, 3, mesh=mesh)
+        expansion.aqe(q, bad, 3, mesh=mesh)
     with pytest.raises(ValueError, match="k=203 is out of range"):
-        sharded.dba(x, 203, mesh=mesh)
+        expansion.dba(x, 203, mesh=mesh)
     # diffusion on a mesh: the same checks and messages as on one device
     with pytest.raises(ValueError, match="kd=61 is out of range"):
         diffusion.offline(x, mesh=mesh, truncation=60, kd=61)

@@ -7,7 +7,7 @@ and process 0 writes the one HDF5 store. This process (one device, no ``jax.dist
 computes the single-process reference. Only the loopback address is used; both workers are
 killed after ``TIMEOUT_S``.
 
-The workers also run ``jretrieval.sharded`` top-k, DBA, AQE and ``jretrieval.diffusion.rank``
+The workers also run ``search.topk``/``Index``, DBA, AQE and ``jretrieval.diffusion.rank``
 (joint and online, ``mesh=``) on the 4-device global mesh (shards travel between the
 processes), compared with the one-device functions.
 
@@ -136,6 +136,7 @@ def test_sharded_search_across_processes(job):
     x, q = worker.search_inputs()
     for out in outs:  # every process holds the replicated results / gathers the sharded ones
         np.testing.assert_array_equal(out["mh_topk"], np.asarray(search.topk(q, x, 5)[1]))
+        np.testing.assert_array_equal(out["mh_index"], out["mh_topk"])
         np.testing.assert_allclose(out["mh_dba"], np.asarray(expansion.dba(x, 3)), atol=1e-6)
         np.testing.assert_allclose(out["mh_aqe"], np.asarray(expansion.aqe(q, x, 4)), atol=1e-6)
         for mode in ("joint", "online"):
