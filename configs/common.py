@@ -170,6 +170,10 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     # Encoder compute dtype: float32 | bfloat16 (BN statistics, pooling and everything after in
     # float32; docs/bench_extract.md has its speed and its effect on mAP).
     config.extraction.dtype = "float32"
+    # Multi-scale descriptors (cirtorch's extract_ms): a tuple, "1,0.7071,0.5" or "ms"; the
+    # paper uses one scale.
+    config.extraction.scales = config_dict.placeholder(object)
+    config.extraction.scales = (1.0,)
 
     config.pooling = ml_collections.ConfigDict()
     config.pooling.name = "rmac"
