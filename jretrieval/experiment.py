@@ -178,13 +178,7 @@ def load_encoder(config: Any, name: str) -> models.Encoder:
     """The encoder of ``model_zoo[name]``: its converted file, or a random init."""
     spec = _zoo_entry(config, name)
     if spec.get("file"):
-        path = os.path.join(config.checkpoint_dir, spec["file"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"converted encoder for model {name!r} not found at {path!r} "
-                f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
-                "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
-            )
+        path = preflight.checkpoint_file(config, name, spec)
         return models.load(path, expected=spec.get("architecture"))  # the zoo's architecture
     if spec.get("architecture"):
         logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", name, spec["seed"])

@@ -91,17 +91,23 @@ def _check_pooling(config: Any, name: str, spec: Mapping[str, Any]) -> None:
             raise ValueError(f"pooling.p={p!r}; expected a finite number > 0 for GeM")
 
 
+def checkpoint_file(config: Any, name: str, spec: Mapping[str, Any]) -> str:
+    """The converted file of zoo entry ``name``; ``FileNotFoundError`` saying how to make it."""
+    path = os.path.join(config.checkpoint_dir, spec["file"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"converted encoder for model {name!r} not found at {path!r} "
+            f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
+            "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
+        )
+    return path
+
+
 def _check_model(config: Any, name: str, spec: Mapping[str, Any]) -> None:
     expected = spec.get("architecture")
     expected = _as_dict(expected) if expected else None
     if spec.get("file"):
-        path = os.path.join(config.checkpoint_dir, spec["file"])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"converted encoder for model {name!r} not found at {path!r} "
-                f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
-                "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
-            )
+        path = checkpoint_file(config, name, spec)
         found = models.read_architecture(path)
         models.check_architecture(found, expected, where=f"{path} (model {name!r})")
     elif expected:
