@@ -167,7 +167,7 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
         return step(images)
 
     compiled = jax.jit(describe).lower(encoder.variables, x).compile(variant.options)
-    return lambda images: compiled(encoder.variables, images)
+    return lambda images: jax.block_until_ready(compiled(encoder.variables, images))
 
 
 def torch_step(
