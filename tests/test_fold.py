@@ -151,6 +151,7 @@ def test_with_dtype_picks_conv_dot_for_bfloat16_on_cpu():
     [
         ({"name": "resnet", "depth": TINY_DEPTH}, 67),
         ({"name": "resnet", "depth": TINY_DEPTH, "width": 2}, 64),  # SimCLR-width
+        ({"name": "apgem", "depth": TINY_DEPTH, "pca_dim": 4}, 64),  # + GeM, fc, PCA
         ({"name": "amdim", "ndf": 8, "n_rkhs": 64, "n_depth": 2, "use_bn": True}, 131),
         ({"name": "amdim", "ndf": 8, "n_rkhs": 64, "n_depth": 2, "use_bn": False}, 128),
     ],
@@ -169,7 +170,7 @@ def test_folded_equals_unfolded(architecture, size):
         assert max_rel(got[name], want[name]) < 1e-5, name
     # What was folded disappears; what follows a sum (AMDIM layers 5, 9) stays a BatchNorm.
     flat = models.io.flatten(folded.variables)
-    if architecture["name"] == "resnet":
+    if architecture["name"] in ("resnet", "apgem"):
         assert "batch_stats" not in folded.variables
         assert "params/layer2_0/downsample_conv/bias" in flat
         assert "params/conv1/bias" in flat and "params/bn1/scale" not in flat
