@@ -98,6 +98,7 @@ class Variant:
 #: what ``--parts=main`` times for jretrieval: the winners of ``--parts=variants``.
 JRETRIEVAL = (
     Variant("lax convs, BN folded, YNNPACK dots", "float32", False, True, YNN_DOTS),
+    Variant("lax convs, BN folded, Eigen", "float32", False, True, EIGEN),
     Variant("im2col + dot, BN folded, YNNPACK dots", "bfloat16", True, True, YNN_DOTS),
 )
 #: the candidates ``--parts=variants`` compares (same interleaved rounds, PyTorch beside).
@@ -106,7 +107,7 @@ VARIANTS = (
     JRETRIEVAL[0],
     Variant("im2col + dot, BN folded, YNNPACK dots", "float32", True, True, YNN_DOTS),
     Variant("lax convs, Eigen (before issue 12)", "bfloat16", False, False, EIGEN),
-    JRETRIEVAL[1],
+    JRETRIEVAL[2],
     Variant("im2col + dot, BN not folded, YNNPACK dots", "bfloat16", True, False, YNN_DOTS),
     Variant("im2col + dot, BN folded, oneDNN dots", "bfloat16", True, True, {**EIGEN, ONEDNN: DOT}),
     Variant(
@@ -716,8 +717,13 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
         title, fmt = titles[name]
         out[name] = "\n".join(
             [
-                f"**{title}**: `python -m bench.extract --parts={name} "
-                f"--batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}`, "
+                f"**{title}**: `python -m bench.extract --parts={name}"
+                + (
+                    f" --batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}"
+                    if name in ("main", "variants")
+                    else ""
+                )
+                + "`, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {env['cpu']}, "
                 f"{env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
                 f"jax {env['jax']}, XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; load average "
