@@ -9,7 +9,7 @@ Run from the repo root, preferably when the machine is otherwise idle (``uptime`
     python -m bench.extract --parts=accuracy      # the same, end to end through the runner
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
-inside its jitted step exactly as extraction does (``jretrieval.extract.make_step``: ``/255``,
+inside its jitted step exactly as extraction does (``jretrieval.steps.make_step``: ``/255``,
 mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``); PyTorch gets a float32
 ``[B, 3, H, W]`` tensor already normalised and runs the encoder alone (no pooling), which
 favours the reference.
@@ -65,8 +65,8 @@ DOC = "docs/bench_extract.md"
 #: XLA CPU compiler options (``jax.jit(fn).lower(...).compile(compiler_options=...)``, the
 #: per-executable form of ``XLA_FLAGS``). jax 0.10's XLA CPU lowers convolutions to YNNPACK
 #: fusions by default; ``xla_cpu_experimental_ynn_fusion_type=""`` turns every YNNPACK fusion
-#: off (Eigen convolutions, 1x1 convolutions rewritten as dots): jretrieval's options before
-#: issue 12 (``EIGEN``). ``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` hands each dot (and nothing
+#: off (Eigen convolutions, 1x1 convolutions rewritten as dots): ``xla_cpu.CPU_COMPILER_OPTIONS``
+#: (``EIGEN``). ``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` hands each dot (and nothing
 #: else) to YNNPACK, whose GEMMs use the AVX512-BF16 instructions: with convolutions written as
 #: im2col + dot (``conv_dot``) that is what reaches the bfloat16 units (``YNN_DOTS``).
 YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -151,8 +151,8 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
     The variables are arguments of the executable (not constants XLA could fold)."""
     import jax
 
-    from jretrieval.extract import make_step
     from jretrieval.models.fold import fold_batch_norm
+    from jretrieval.steps import Pooling, make_step
 
     encoder = _encoder()
     if variant.fold:
@@ -160,9 +160,7 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
     encoder = encoder.with_dtype(variant.dtype, conv_dot=variant.conv_dot)
 
     def describe(variables: Any, images: Any) -> Any:
-        step = make_step(
-            encoder.replace(variables=variables), pooling="rmac", pooling_kwargs={"levels": 3}
-        )
+        step = make_step(encoder.replace(variables=variables), Pooling.of("rmac", {"levels": 3}))
         if variant.per_image:
             return jax.lax.map(lambda image: step(image[None])[0], images)
         return step(images)
@@ -301,7 +299,7 @@ def _stage_errors(encoder: Any, paths: list[str], policy: Any) -> dict[str, floa
     import jax.numpy as jnp
 
     from jretrieval.datasets import images as images_lib
-    from jretrieval.extract import normalise
+    from jretrieval.steps import normalise
 
     imgs = np.stack([images_lib.load_image(p, policy=policy) for p in paths])
     x = normalise(imgs, encoder.preprocessing["mean"], encoder.preprocessing["std"])
@@ -362,8 +360,9 @@ def layer_errors(workdir: str, calibration: int = 16, evaluation: int = 8) -> li
     import jax.numpy as jnp
 
     from jretrieval import models, pooling
-    from jretrieval.extract import normalise, recalibrate_bn
     from jretrieval.models.fold import fold_batch_norm
+    from jretrieval.recalibration import recalibrate_bn
+    from jretrieval.steps import normalise
 
     imgs = _demo_images(workdir, calibration + evaluation)
     calib, test = imgs[:calibration], imgs[calibration:]
@@ -430,9 +429,10 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
     bfloat16, and float32 on inputs with +-1 grey level of noise (two seeds; the size of
     perturbation the ranking must tolerate anyway), for each BN mode in ``bn_modes``."""
     from configs import demo
-    from jretrieval import experiment, ranking
+    from jretrieval import evaluation, experiment, ranking
     from jretrieval import extract as extract_lib
     from jretrieval.datasets import images as images_lib
+    from jretrieval.steps import Loading
 
     config = demo.get_config()
     config.workdir = workdir
@@ -463,16 +463,14 @@ def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -
                     enc,
                     paths,
                     bbx=bbx,
-                    policy=policy,
-                    batch_size=config.extraction.batch_size,
-                    loader=loader,
+                    loading=Loading(policy, config.extraction.batch_size, loader=loader),
                     desc=f"demo {bn} {name}",
                 )
                 out.append((desc, np.asarray(report["kept"], np.int64)))
-            desc = experiment.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
-            table, _ = experiment.evaluate_row(
+            desc = evaluation.Descriptors(out[0][0], out[1][0], out[0][1], out[1][1], {})
+            table = evaluation.evaluate_row(
                 [desc], dataset, dims=dims, columns=list(config.ranking.columns), params=params
-            )
+            ).figures
             base = desc if base is None else base
             a, b = base.database.astype(np.float64), desc.database.astype(np.float64)
             cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -18,28 +18,28 @@ memory the stage needed. Data: synthetic clustered descriptors, 512-d, L2-normal
 one large component, as distractor-heavy R1M data), written once per size to
 ``/tmp/jretrieval_scale/`` and loaded by the workers; 100 queries from the same distribution.
 
-Implementations (``ours`` runs ``jretrieval.sharded`` on the mesh of all local devices; on this
-machine one CPU device, so the sharded code runs with one shard). As faiss's ``index.add``, the
-placement of the database on the devices (``sharded.shard_rows``) is done once, untimed, for
+Implementations (``sharded`` runs the functions with ``mesh=`` the mesh of all local devices; on
+this machine one CPU device, so the sharded code runs with one shard). As faiss's ``index.add``,
+the placement of the database on the devices (``mesh.shard_rows``) is done once, untimed, for
 search and AQE; each timed call then only moves the queries:
 
-- search top-100: ``sharded.topk`` and ``search.topk`` vs faiss ``IndexFlatIP.search``;
-- AQE (k = 10): ``sharded.aqe`` vs faiss search + NumPy weighted sum;
-- DBA (k = 20): ``sharded.dba`` (ring kNN + ring aggregation) vs faiss ``search(db, db, 21)`` +
-  NumPy; the kNN step dominates both;
-- diffusion offline (truncation 1000, kd 50, 20 CG steps): ``sharded.offline`` and
+- search top-100: ``search.topk(mesh=)`` and ``search.topk`` vs faiss ``IndexFlatIP.search``;
+- AQE (k = 10): ``expansion.aqe(mesh=)`` vs faiss search + NumPy weighted sum;
+- DBA (k = 20): ``expansion.dba(mesh=)`` (ring kNN + ring aggregation) vs faiss
+  ``search(db, db, 21)`` + NumPy; the kNN step dominates both;
+- diffusion offline (truncation 1000, kd 50, 20 CG steps): ``diffusion.offline(mesh=)`` and
   ``diffusion.offline`` vs the authors' recipe (faiss kNN with k = truncation, their mutual-
   neighbour Laplacian in ``scipy.sparse``, one ``scipy.sparse.linalg.cg`` per node in a Python
   loop).
 
 Where a stage is quadratic in N and would not finish in minutes, it is timed on a subset and
-extrapolated linearly, and the table says so: kNN-type stages (DBA, the diffusion kNN) on the
-first ``R`` database rows as queries against all N (``sharded.topk`` for ours, the same blocked
+extrapolated linearly, and the table says so: kNN-type stages (DBA, the diffusion kNN) on the first
+``R`` database rows as queries against all N (``search.topk(mesh=)`` for ours, the same blocked
 top-k per row as the ring; faiss ``search``) times ``N / R``; the per-node solves on ``S`` nodes
-times ``N / S``, for both SciPy's loop and ours (the native CPU kernel) the per-node time from
-the largest size where they ran on the real graph, since their work depends on the edges inside
-each truncation set (the XLA kernels' work does not: they are timed on a neighbour table of the
-right shape).
+times ``N / S``, for both SciPy's loop and ours (the native CPU kernel) the per-node time from the
+largest size where they ran on the real graph, since their work depends on the edges inside each
+truncation set (the XLA kernels' work does not: they are timed on a neighbour table of the right
+shape).
 """
 
 from __future__ import annotations
@@ -129,12 +129,14 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
     """One measurement (called in a fresh process). Returns the record for the results file."""
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import expansion, search
+    from jretrieval import mesh as mesh_lib
+    from jretrieval.mesh import shard_rows
 
     x = np.load(data_path(n))
     q, db = x[:NQ], x[NQ:]
     base = _rss_mb()
-    mesh = distributed.make_mesh(jax.local_devices())
+    mesh = mesh_lib.make_mesh(jax.local_devices())
     rec = {"stage": stage, "impl": impl, "n": n, "devices": int(mesh.devices.size)}
     subset = None
     rows = n if n <= FULL_KNN else SUBSET_ROWS
@@ -147,7 +149,7 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
     elif impl == "search":
         db = jax.device_put(db)  # placed once; not timed
     elif impl == "sharded" and stage in ("search", "aqe"):
-        shards = sharded.shard_rows(db, mesh)  # placed once, like faiss's add; not timed
+        shards = shard_rows(db, mesh)  # placed once, like faiss's add; not timed
         jax.block_until_ready(shards.array)
 
     def run() -> None:
@@ -155,18 +157,16 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
             if impl == "faiss":
                 index.search(q, K_SEARCH)
             elif impl == "search":
-                from jretrieval import search
-
                 jax.block_until_ready(search.topk(q, db, K_SEARCH))
             else:
-                jax.block_until_ready(sharded.topk(q, shards, K_SEARCH, mesh=mesh))
+                jax.block_until_ready(search.topk(q, shards, K_SEARCH, mesh=mesh))
         elif stage == "aqe":
             if impl == "faiss":
                 s, i = index.search(q, K_AQE)
                 y = q + db[i].sum(axis=1)
                 y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-6
             else:
-                jax.block_until_ready(sharded.aqe(q, shards, K_AQE, mesh=mesh))
+                jax.block_until_ready(expansion.aqe(q, shards, K_AQE, mesh=mesh))
         elif stage == "dba":
             if impl == "faiss":
                 s, i = index.search(db[:rows], K_DBA + 1)
@@ -174,7 +174,7 @@ def run_worker(stage: str, impl: str, n: int) -> dict:
                 y = db[:rows] + np.einsum("nk,nkd->nd", w, db[i])
                 y /= np.linalg.norm(y, axis=1, keepdims=True) + 1e-6
             elif rows == n:
-                jax.block_until_ready(sharded.dba(db, K_DBA, mesh=mesh).array)
+                jax.block_until_ready(expansion.dba(db, K_DBA, mesh=mesh).array)
             else:  # the ring's work per row (1024-row chunks, 4096-row blocks) on `rows` rows
                 _rows_topk(db, rows, K_DBA + 1, mesh)
         else:
@@ -205,11 +205,12 @@ def _rows_topk(db: np.ndarray, rows: int, k: int, mesh) -> None:
     """The first ``rows`` database rows' top-``k`` against all, in the ring's blocking."""
     import jax
 
-    from jretrieval import sharded
+    from jretrieval import search
+    from jretrieval.mesh import shard_rows
 
-    shards = sharded.shard_rows(db, mesh)
+    shards = shard_rows(db, mesh)
     for s in range(0, rows, 1024):
-        out = sharded.topk(db[s : min(rows, s + 1024)], shards, k, mesh=mesh, block_size=4096)
+        out = search.topk(db[s : min(rows, s + 1024)], shards, k, mesh=mesh)
         jax.block_until_ready(out)
 
 
@@ -218,7 +219,8 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jretrieval import diffusion, native, sharded
+    from jretrieval import diffusion, native
+    from jretrieval.mesh import shard_rows
 
     n = len(db)
     parts: dict[str, float] = {}
@@ -230,19 +232,20 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         jax.block_until_ready(diffusion.offline(db, truncation=TRUNCATION, kd=KD).values)
         return {"seconds": time.perf_counter() - t, "parts": {"total": time.perf_counter() - t}}
     use_native = impl == "sharded" and diffusion.use_native("auto", "cpu")
-    threads = native.threads() if use_native else 0  # sharded.offline's own choice on CPU
-    if impl == "sharded" and n <= FULL_SOLVES:  # sharded.offline's two stages, timed apart
+    threads = native.threads() if use_native else 0  # diffusion.offline(mesh=)'s own choice on CPU
+    if impl == "sharded" and n <= FULL_SOLVES:  # diffusion.offline(mesh=)'s two stages, timed apart
         t = time.perf_counter()
-        shards = sharded.shard_rows(db, mesh)
-        ids, ids_kd, a_s = sharded._graph_impl(
-            shards.array, mesh=mesh, n=n, truncation=TRUNCATION, kd=KD, gamma=GAMMA,
-            alpha=ALPHA, block_size=4096, query_block=1024,
+        shards = shard_rows(db, mesh)
+        ids, ids_kd, sims_kd = diffusion._neighbours_mesh(
+            shards.array, mesh=mesh, m=n, truncation=TRUNCATION, kd=KD,
+            rows=diffusion._default_rows(n, None),
         )  # fmt: skip
+        a_s = diffusion._graph_mesh(ids_kd, sims_kd, mesh=mesh, m=n, gamma=GAMMA, alpha=ALPHA)
         jax.block_until_ready(a_s)
-        parts["kNN + mutual graph (ring)"] = time.perf_counter() - t
+        parts["kNN + mutual graph (mesh)"] = time.perf_counter() - t
         t = time.perf_counter()
-        vals = sharded._solve_impl(
-            ids, ids_kd, a_s, mesh=mesh, n=n, node_chunk=16, max_iter=20, tol=1e-6,
+        vals = diffusion._solve_mesh(
+            ids, ids_kd, a_s, mesh=mesh, m=n, node_chunk=16, max_iter=20, tol=1e-6,
             threads=threads,
         )  # fmt: skip
         jax.block_until_ready(vals)
@@ -270,15 +273,11 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
             [np.concatenate([[i], rng.choice(n, TRUNCATION - 1, replace=False)]) for i in
              range(SUBSET_NODES)]
         ).astype(np.int32)  # fmt: skip
-        solve = jax.jit(
-            lambda tb, t: sharded._solve_chunk(tb, t, ids_kd, a_s, max_iter=20, tol=1e-6),
-            donate_argnums=0,
-        )
-        table = jnp.full((16, n), -1, jnp.int32)  # the position table the chunks carry
-        table, _ = jax.block_until_ready(solve(table, jnp.asarray(t_ids[:16])))  # compile
+        solve = jax.jit(lambda t: diffusion._solve_rows(t, ids_kd, a_s, max_iter=20, tol=1e-6))
+        jax.block_until_ready(solve(jnp.asarray(t_ids[:16])))  # compile
         t = time.perf_counter()
         for s in range(0, SUBSET_NODES, 16):
-            table, _ = jax.block_until_ready(solve(table, jnp.asarray(t_ids[s : s + 16])))
+            jax.block_until_ready(solve(jnp.asarray(t_ids[s : s + 16])))
         parts["per-node solves"] = (time.perf_counter() - t) * n / SUBSET_NODES
         notes.append(
             f"XLA solves extrapolated from {SUBSET_NODES} nodes (x {n / SUBSET_NODES:.0f})"
@@ -303,16 +302,16 @@ def _diffusion(impl: str, db: np.ndarray, mesh) -> dict:
         notes.append(f"Laplacian and solves: per-node times measured at N={per_node['n']} x N")
         return {"seconds": sum(parts.values()), "parts": parts, "note": "; ".join(notes)}
     t = time.perf_counter()
-    from bench.diffusion import ref_laplacian, ref_solves  # the same recipe, restated once
+    from references.diffusion_authors import get_laplacian, offline_rows
 
-    lap = ref_laplacian(sims, ids, KD)
+    lap = get_laplacian(sims[:, :KD], ids[:, :KD])
     parts["Laplacian (authors' loop)"] = time.perf_counter() - t
     nodes = np.arange(n)
     if n > FULL_SCIPY_SOLVES:
         nodes = np.linspace(0, n - 1, SUBSET_NODES).astype(np.int64)
         notes.append(f"solves extrapolated from {len(nodes)} nodes (x {n / len(nodes):.0f})")
     t = time.perf_counter()
-    ref_solves(lap, ids, nodes)
+    offline_rows(lap, ids, nodes)
     parts["per-node CG loop"] = (time.perf_counter() - t) * n / len(nodes)
     return {
         "seconds": sum(parts.values()),
@@ -382,14 +381,14 @@ def measure(stage: str, impl: str, n: int, timeout: int) -> dict | None:
 # ----------------------------------------------------------------------------- report
 
 LABELS = {
-    ("search", "sharded"): "jretrieval.sharded.topk",
+    ("search", "sharded"): "jretrieval.search.topk (mesh=)",
     ("search", "search"): "jretrieval.search.topk",
     ("search", "faiss"): "faiss IndexFlatIP",
-    ("aqe", "sharded"): "jretrieval.sharded.aqe",
+    ("aqe", "sharded"): "jretrieval.expansion.aqe (mesh=)",
     ("aqe", "faiss"): "faiss + NumPy",
-    ("dba", "sharded"): "jretrieval.sharded.dba",
+    ("dba", "sharded"): "jretrieval.expansion.dba (mesh=)",
     ("dba", "faiss"): "faiss + NumPy",
-    ("diffusion", "sharded"): "jretrieval.sharded.offline",
+    ("diffusion", "sharded"): "jretrieval.diffusion.offline(mesh=)",
     ("diffusion", "diffusion"): "jretrieval.diffusion.offline",
     ("diffusion", "scipy"): "authors' recipe (faiss, SciPy CG loop)",
 }

@@ -13,7 +13,7 @@ source are skipped (--force converts again); missing sources are listed and skip
 
   output                 source (in --dir)                   format
   baseline.h5            resnet50-0676ba61.pth               torchvision
-  resnet101.h5           resnet101-5d3b4d8f.pth              torchvision
+  resnet101.h5           resnet101-63fe2227.pth              torchvision
   simclr1x/2x/4x.h5      resnet50-{1x,2x,4x}.pth             simclr
   mocov1.h5              moco_v1_200ep_pretrain.pth.tar      moco
   mocov2.h5              moco_v2_200ep_pretrain.pth.tar      moco
@@ -43,7 +43,7 @@ done
 
 TABLE="
 baseline|resnet50-0676ba61.pth|torchvision
-resnet101|resnet101-5d3b4d8f.pth|torchvision
+resnet101|resnet101-63fe2227.pth|torchvision
 simclr1x|resnet50-1x.pth|simclr
 simclr2x|resnet50-2x.pth|simclr
 simclr4x|resnet50-4x.pth|simclr

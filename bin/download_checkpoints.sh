@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Downloads the published checkpoints of the paper's encoders (see shared CHECKPOINTS.md).
+# Downloads the published checkpoints of the encoders of "Evaluating Contrastive Models for
+# Instance-based Image Retrieval" (Krishna et al., ICMR 2021), from their authors' releases:
+# torchvision (pytorch/vision), MoCo (facebookresearch/moco), SimCLR (google-research/simclr),
+# AMDIM (Philip-Bachman/amdim-public) and AP-GeM (naver/deep-image-retrieval).
 set -euo pipefail
 
 usage() {
@@ -21,7 +24,10 @@ skipped; downloads go to a temporary name and are renamed when complete and veri
 
 Names and files (checksum: sha256 prefix for torchvision, md5 prefix for MoCo):
   resnet50      resnet50-0676ba61.pth                      torchvision IMAGENET1K_V1 (baseline)
-  resnet101     resnet101-5d3b4d8f.pth                     torchvision (legacy URL)
+  resnet101     resnet101-63fe2227.pth                     torchvision IMAGENET1K_V1
+  (both file names as torchvision 0.13 and later publish them: ResNet50_Weights and
+  ResNet101_Weights.IMAGENET1K_V1, the original ImageNet weights; older releases named them
+  resnet50-19c8e357.pth and resnet101-5d3b4d8f.pth)
   mocov1        moco_v1_200ep_pretrain.pth.tar             MoCo v1, 200 epochs (md5 b251726a)
   mocov2        moco_v2_200ep_pretrain.pth.tar             MoCo v2, 200 epochs (md5 59fd9945)
   mocov2_800ep  moco_v2_800ep_pretrain.pth.tar             MoCo v2, 800 epochs (md5 a04e12f8)
@@ -43,8 +49,11 @@ tf.compat.v1 and PyTorch; not a dependency of this project):
   The result is {'state_dict': ...} in torchvision names; its fc.bias is random (converter bug),
   which does not matter: the encoder drops fc. Then run bin/convert_checkpoints.sh.
 
-AP-GeM: the Drive file is a zip holding Resnet-101-AP-GeM.pt (README says Resnet101-AP-GeM.pt,
-the file has the hyphen). `gdown` is used when installed, else curl on drive.usercontent.
+AP-GeM (naver/deep-image-retrieval's README): the Drive file is a zip holding
+Resnet-101-AP-GeM.pt (the README says Resnet101-AP-GeM.pt; the file has the hyphen). `gdown` is
+used when installed, as `gdown https://drive.google.com/uc?id=ID -O FILE` (the form old and
+current gdown releases all accept; current ones reject `--id`), else curl on
+drive.usercontent.google.com.
 EOF
 }
 
@@ -72,7 +81,7 @@ APGEM_DRIVE_ID=1UWJGDuHtzaQdFhSMojoYVQjmCXhIwVvy
 # name | file | url | checksum kind (sha256/md5/-) | checksum prefix
 TABLE="
 resnet50|resnet50-0676ba61.pth|$TV/resnet50-0676ba61.pth|sha256|0676ba61
-resnet101|resnet101-5d3b4d8f.pth|$TV/resnet101-5d3b4d8f.pth|sha256|5d3b4d8f
+resnet101|resnet101-63fe2227.pth|$TV/resnet101-63fe2227.pth|sha256|63fe2227
 mocov1|moco_v1_200ep_pretrain.pth.tar|$MOCO/moco_v1_200ep/moco_v1_200ep_pretrain.pth.tar|md5|b251726a
 mocov2|moco_v2_200ep_pretrain.pth.tar|$MOCO/moco_v2_200ep/moco_v2_200ep_pretrain.pth.tar|md5|59fd9945
 mocov2_800ep|moco_v2_800ep_pretrain.pth.tar|$MOCO/moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar|md5|a04e12f8
@@ -106,7 +115,7 @@ fetch() {  # url dest
   if [[ "$url" == gdrive:* ]]; then
     local id=${url#gdrive:}
     if command -v gdown >/dev/null 2>&1; then
-      run gdown --id "$id" -O "$tmp"
+      run gdown "https://drive.google.com/uc?id=$id" -O "$tmp"
     else
       run curl -fL --retry 3 -o "$tmp" \
         "https://drive.usercontent.google.com/download?id=$id&export=download&confirm=t"

@@ -22,10 +22,14 @@ revisitop1m, which is only fetched when named).
 
 Sources:
   images       https://www.robots.ox.ac.uk/~vgg/data/{oxbuildings,parisbuildings}/ (the -v1
-               archives, as cirtorch's download_test)
+               archives). These are the face-blurred versions VGG published in 2022 in place
+               of the originals; the paper (2021) used the originals, so figures may differ
+               slightly from the paper's.
   classic gnd  http://cmp.felk.cvut.cz/cnnimageretrieval/data/test/<name>/gnd_<name>.pkl
   revisited    http://cmp.felk.cvut.cz/revisitop/data/datasets/<name>/gnd_<name>.pkl
-  INSTRE       ftp://ftp.irisa.fr/local/texmex/corpus/instre/{instre.tar.gz,gnd_instre.mat}
+  INSTRE       images: ftp://ftp.irisa.fr/local/texmex/corpus/instre/instre.tar.gz
+               gnd: ftp://ftp.irisa.fr/local/texmex/corpus/diffusion/gnd/gnd_instre.mat (where
+               Iscen et al.'s diffusion code fetches it), else .../corpus/instre/gnd_instre.mat
   R1M          http://ptak.felk.cvut.cz/revisitop/revisitop1m/ (revisitop1m.txt, jpg/*.tar.gz)
 
 Idempotent: a file already present is skipped; an archive whose contents were extracted (a
@@ -82,6 +86,7 @@ VGG=https://www.robots.ox.ac.uk/~vgg/data
 CIRTORCH_GND=http://cmp.felk.cvut.cz/cnnimageretrieval/data/test
 REVISITOP_GND=http://cmp.felk.cvut.cz/revisitop/data/datasets
 INSTRE_URL=ftp://ftp.irisa.fr/local/texmex/corpus/instre
+INSTRE_GND_URL=ftp://ftp.irisa.fr/local/texmex/corpus/diffusion/gnd/gnd_instre.mat
 R1M_URL=http://ptak.felk.cvut.cz/revisitop/revisitop1m
 R1M_ARCHIVES=100
 
@@ -113,11 +118,27 @@ fetch() {
   echo "fetch $url -> $dest$resume"
   mkdir -p "$(dirname "$dest")"
   if [[ $DOWNLOADER == curl ]]; then
-    curl -fL --retry 5 --retry-delay 10 -C - -o "$dest.part" "$url"
+    curl -fL --retry 5 --retry-delay 10 -C - -o "$dest.part" "$url" || return 1
   else
-    wget -c --tries=5 -O "$dest.part" "$url"
+    wget -c --tries=5 -O "$dest.part" "$url" || return 1
   fi
   mv -f "$dest.part" "$dest"
+}
+
+# fetch_first DEST URL...: DEST from the first URL that serves it (sources of one file, in
+# order of preference); a failed source's partial file is dropped before the next is tried.
+fetch_first() {
+  local dest="$1" url
+  shift
+  for url in "$@"; do
+    if fetch "$url" "$dest"; then
+      return 0
+    fi
+    echo "failed: $url${2:+ (trying the next source)}" >&2
+    rm -f "$dest.part"
+    shift
+  done
+  return 1
 }
 
 # archive URL DATASET_DIR TARGET_DIR MODE: fetches an archive and extracts it into TARGET_DIR,
@@ -190,7 +211,7 @@ download() {
       fetch "$REVISITOP_GND/rparis6k/gnd_rparis6k.pkl" "$DIR/rparis6k/gnd_rparis6k.pkl"
       paris_images ;;
     instre)
-      fetch "$INSTRE_URL/gnd_instre.mat" "$DIR/instre/gnd_instre.mat"
+      fetch_first "$DIR/instre/gnd_instre.mat" "$INSTRE_GND_URL" "$INSTRE_URL/gnd_instre.mat"
       archive "$INSTRE_URL/instre.tar.gz" "$DIR/instre" "$DIR/instre" tree ;;
     revisitop1m)
       fetch "$R1M_URL/revisitop1m.txt" "$DIR/revisitop1m/revisitop1m.txt"

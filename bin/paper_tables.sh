@@ -20,6 +20,10 @@ under runs/<dataset>/ and shared between tables, so Table 3 after Table 1 only r
 whose results.json exists is skipped (--force runs it again). A failed run is reported and the
 next one starts; the exit status is 1 if any failed.
 
+BN recalibration is the paper's procedure by default (bn.mode=pytorch: a model.train() pass,
+running averages with momentum 0.1); `-- --config.bn.mode=exact` uses population statistics
+instead (this project's improvement; numbers then differ slightly from the paper's procedure).
+
 Prerequisites: bin/download_datasets.sh, bin/download_checkpoints.sh, bin/convert_checkpoints.sh.
 
   --tables LIST          comma-separated subset of 1,2,3 (default: 1,2,3)
@@ -30,7 +34,7 @@ Prerequisites: bin/download_datasets.sh, bin/download_checkpoints.sh, bin/conver
   --out DIR              where the reports go (default: runs/paper in the repository)
   --force                run again even when a report exists
   --dry-run              print the commands, run nothing
-  -- FLAG...             passed to every run, e.g. -- --config.bn.mode=pytorch
+  -- FLAG...             passed to every run, e.g. -- --config.bn.mode=exact
   PYTHON                 environment variable: the interpreter (default: python)
 EOF
 }

@@ -1,7 +1,8 @@
 """Shared pieces of the experiment configs: the model zoo, the paper's rows and columns, defaults.
 
 Every config file in ``configs/`` defines ``get_config(arg=None) -> ml_collections.ConfigDict``
-built from ``base_config`` below, and is run from the repository root:
+built from ``base_config`` below; relative paths are relative to the repository root
+(``python -m jretrieval.main`` resolves them so, from any working directory):
 
     python -m jretrieval.main --config=configs/oxford.py [--config.<field>=<value> ...]
 
@@ -16,17 +17,20 @@ Sections of the config (all read by ``jretrieval.experiment.run``):
   ``"model"``: the model's own head, AP-GeM) and ``map_size`` (resize the last map before
   pooling: AMDIM 40x40 -> 23x23).
 - ``data``: dataset name and root folder (``jretrieval.datasets.load_dataset``).
-- ``bn``: BN recalibration (``mode`` exact | pytorch | none, ``momentum``, ``batch_size``).
+- ``bn``: BN recalibration (``mode`` pytorch, the paper's default | exact | none, ``momentum``,
+  ``batch_size``).
 - ``extraction``: resize ``policy`` (724x724 fixed, the paper), ``batch_size``, ``dtype``
   (encoder compute dtype, ``float32`` or ``bfloat16``; ``--config.extraction.dtype=bfloat16``).
 - ``pooling``: ``name`` (rmac, mac, spoc, gem) and its ``levels`` / ``p``.
 - ``whitening``: ``dim`` (512; ``"none"`` = no PCA, the "True dim." of Table 3; a tuple sweeps),
-  ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors).
+  ``learn_on`` (``"database"``: the paper does not say, we learn on the database descriptors),
+  ``apgem`` (``"common"`` | ``"shipped"``: AP-GeM whitened like the others or with the PCA in
+  its checkpoint).
 - ``ranking``: ``columns`` (Table 1's, see ``jretrieval.ranking``) and the AQE/DBA neighbours.
 - ``diffusion``: Yang et al. 2019 parameters (``jretrieval.diffusion.rank``).
 - ``distributed``: ``multihost`` (``jax.distributed.initialize()`` for multi-process jobs: TPU
   pods, multi-host GPU; each process extracts its slice of the images). Every device is used
-  either way (``jretrieval.distributed.make_mesh``).
+  either way (``jretrieval.mesh.make_mesh``).
 - ``eval``: ``metrics`` shown in the table (``None``: all of the dataset's protocol).
 - ``output``: where results go (``<workdir>/results`` by default), top-10 picture.
 """
@@ -36,41 +40,33 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from jretrieval import paper
+
+# The paper's vocabulary is defined once, in jretrieval.paper; these names are what the configs
+# in this folder use.
 #: Table 1's columns, in the paper's order.
-COLUMNS = (
-    "G",
-    "G+AQE",
-    "G+DFS",
-    "G+DBA",
-    "G+AQE+DFS",
-    "G+DBA+AQE",
-    "G+DBA+DFS",
-    "G+DBA+AQE+DFS",
-)
-
+COLUMNS = paper.COLUMNS
 #: single models of Tables 1 and 2, in the paper's row order (AP-GeM is listed last there).
-PAPER_MODELS = ("baseline", "simclr1x", "simclr2x", "simclr4x", "mocov1", "mocov2", "amdim")
+PAPER_MODELS = paper.SINGLE_MODELS
 #: the paper's ensembles (Tables 1 and 2): R-MAC concatenated, then PCA-whitened.
-PAPER_ENSEMBLES = (
-    "simclr2x+simclr4x",
-    "simclr2x+amdim",
-    "simclr2x+mocov2",
-    "simclr4x+mocov2",
-    "simclr4x+amdim",
-)
+PAPER_ENSEMBLES = paper.ENSEMBLES
 #: the fine-tuned upper bound (GeM pooling with its own head, Revaud et al. 2019).
-UPPER_BOUND = ("apgem",)
+UPPER_BOUND = paper.UPPER_BOUND
 #: every row of Tables 1 and 2, in the paper's order.
-TABLE1_ROWS = PAPER_MODELS + PAPER_ENSEMBLES + UPPER_BOUND
-
+TABLE1_ROWS = paper.ROWS
 #: Table 3's PCA dimensions; ``None`` is "True dim." (no PCA, L2 only).
-TABLE3_DIMS = (32, 64, 128, 256, 512, 1024, 2048, None)
-
+TABLE3_DIMS = paper.TABLE3_DIMS
 #: metrics of Table 2 (revisited protocol).
-TABLE2_METRICS = tuple(f"{s}/{m}" for s in "EMH" for m in ("mAP", "mP@5", "mP@10"))
-
+TABLE2_METRICS = paper.TABLE2_METRICS
 #: the paper's datasets (keys of ``jretrieval.datasets.DATASETS``).
-DATASETS = ("oxford5k", "paris6k", "roxford5k", "rparis6k", "instre")
+DATASETS = paper.DATASETS
+
+
+#: the architecture each converted file must hold (``jretrieval.models.load(expected=)`` refuses
+#: another, naming both); for an entry without a file, the one initialised at random.
+R50 = {"name": "resnet", "depth": 50, "width": 1}
+R101 = {"name": "resnet", "depth": 101, "width": 1}
+AMDIM = {"name": "amdim", "ndf": 256, "n_rkhs": 2048, "n_depth": 10}
 
 
 def _model(label: str, file: str | None, **kw) -> dict:
@@ -89,25 +85,44 @@ def _model(label: str, file: str | None, **kw) -> dict:
 def model_zoo() -> ml_collections.ConfigDict:
     """The paper's encoders and the converted files ``bin/convert_checkpoints.sh`` writes."""
     zoo = {
-        "baseline": _model("Baseline", "baseline.h5"),
-        "simclr1x": _model("SimClr1x", "simclr1x.h5"),
-        "simclr2x": _model("SimClr2x", "simclr2x.h5"),
-        "simclr4x": _model("SimClr4x", "simclr4x.h5"),
-        "mocov1": _model("MoCov1", "mocov1.h5"),
-        "mocov2": _model("MoCov2", "mocov2.h5"),
+        "baseline": _model(paper.LABELS["baseline"], "baseline.h5", architecture=R50),
+        "simclr1x": _model(paper.LABELS["simclr1x"], "simclr1x.h5", architecture=R50),
+        "simclr2x": _model(
+            paper.LABELS["simclr2x"], "simclr2x.h5", architecture={**R50, "width": 2}
+        ),
+        "simclr4x": _model(
+            paper.LABELS["simclr4x"], "simclr4x.h5", architecture={**R50, "width": 4}
+        ),
+        "mocov1": _model(paper.LABELS["mocov1"], "mocov1.h5", architecture=R50),
+        "mocov2": _model(paper.LABELS["mocov2"], "mocov2.h5", architecture=R50),
         # AMDIM's 40x40 map at 724 px is resized to 23x23, as in the paper.
-        "amdim": _model("AmDim", "amdim.h5", map_size=(23, 23)),
+        "amdim": _model(
+            paper.LABELS["amdim"],
+            "amdim.h5",
+            architecture=AMDIM,
+            map_size=paper.SETTINGS["amdim_map_size"],
+        ),
         # GeM (AP): its own GeM + fc + L2 head instead of R-MAC (the paper's upper bound).
-        "apgem": _model("GeM (AP)", "apgem.h5", pooling="model"),
+        "apgem": _model(
+            paper.LABELS["apgem"],
+            "apgem.h5",
+            architecture={"name": "apgem", "depth": 101},
+            pooling="model",
+        ),
         # Beyond the paper (bin/convert_checkpoints.sh converts them too).
-        "resnet101": _model("ResNet-101", "resnet101.h5"),
-        "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5"),
-        "amdim_large": _model("AmDim (large)", "amdim_large.h5", map_size=(23, 23)),
+        "resnet101": _model("ResNet-101", "resnet101.h5", architecture=R101),
+        "mocov2_800ep": _model("MoCov2 (800 ep)", "mocov2_800ep.h5", architecture=R50),
+        "amdim_large": _model(
+            "AmDim (large)",
+            "amdim_large.h5",
+            architecture={**AMDIM, "ndf": 320, "n_rkhs": 2560},
+            map_size=paper.SETTINGS["amdim_map_size"],
+        ),
         # The offline demo's encoder: a randomly initialised ResNet-50 (no weights to download).
         "random_resnet50": _model(
             "ResNet-50 (random weights)",
             None,
-            architecture={"name": "resnet", "depth": 50, "width": 1},
+            architecture=R50,
             seed=0,
         ),
     }
@@ -121,7 +136,7 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.workdir = f"runs/{dataset}"  # descriptor stores, BN statistics, results
     # Folder of converted encoders (`bin/convert_checkpoints.sh --out`); model_zoo files are in it.
     config.checkpoint_dir = "converted"
-    config.models = TABLE1_ROWS
+    config.models = paper.ROWS
     config.model_zoo = model_zoo()
 
     config.data = ml_collections.ConfigDict()
@@ -135,37 +150,57 @@ def base_config(dataset: str, *, table: str = "table1") -> ml_collections.Config
     config.data.demo_kwargs = ml_collections.ConfigDict()  # passed to build_demo_dataset
 
     config.bn = ml_collections.ConfigDict()
-    config.bn.mode = "exact"  # exact | pytorch (the paper: model.train(), momentum 0.1) | none
+    # pytorch: the paper's procedure (a model.train() forward pass over the images: running
+    # averages, momentum 0.1, unbiased variance); exact: population statistics, this project's
+    # improvement (order-independent, no momentum); none: the checkpoint's own statistics.
+    config.bn.mode = "pytorch"
     config.bn.momentum = 0.1  # torch meaning, pytorch mode only
     config.bn.batch_size = 16
     config.bn.images = "database"  # database | database+queries
 
     config.extraction = ml_collections.ConfigDict()
-    config.extraction.policy = ml_collections.ConfigDict({"mode": "fixed", "size": 724})
+    config.extraction.policy = ml_collections.ConfigDict(
+        {"mode": "fixed", "size": paper.SETTINGS["image_size"]}
+    )
     config.extraction.batch_size = 8
     config.extraction.skip_corrupt = False  # True: unreadable images skipped and listed
+    # Larger images are refused as possible decompression bombs (skipped with skip_corrupt).
+    config.extraction.max_pixels = 89_478_485  # Pillow's default limit
     config.extraction.num_threads = config_dict.placeholder(int)
     # Encoder compute dtype: float32 | bfloat16 (BN statistics, pooling and everything after in
     # float32; docs/bench_extract.md has its speed and its effect on mAP).
     config.extraction.dtype = "float32"
+    # Multi-scale descriptors (cirtorch's extract_ms): a tuple, "1,0.7071,0.5" or "ms"; the
+    # paper uses one scale.
+    config.extraction.scales = config_dict.placeholder(object)
+    config.extraction.scales = (1.0,)
 
     config.pooling = ml_collections.ConfigDict()
     config.pooling.name = "rmac"
-    config.pooling.levels = 3  # rmac
+    config.pooling.levels = paper.SETTINGS["rmac_levels"]  # rmac
     config.pooling.p = 3.0  # gem
 
     config.whitening = ml_collections.ConfigDict()
     # int, "none" (no PCA: L2 only, Table 3's "True dim."), or a tuple of them (a sweep).
     config.whitening.dim = config_dict.placeholder(object)
-    config.whitening.dim = 512
+    config.whitening.dim = paper.DEFAULT_DIM
     config.whitening.learn_on = "database"  # database | database+queries
+    # GeM (AP), the upper-bound row: "common" (L2, PCA-whitening learned like every other row,
+    # L2) or "shipped" (the PCA in its checkpoint, as dirtorch's test_dir.py applies it).
+    # "common" by default: the paper applies one post-processing to every model (Sec. 4.1,
+    # "PCA dimension of 512 ... unless otherwise stated"), and its GeM (AP) figures (rOxford
+    # Medium 51.03, rParis Medium 37.36) lie far below those Revaud et al. (ICCV 2019) publish
+    # with the shipped PCA (in the 60s and near 80), so it most plausibly did not use that PCA.
+    config.whitening.apgem = "common"
 
     config.ranking = ml_collections.ConfigDict()
-    config.ranking.columns = COLUMNS
-    config.ranking.aqe_k = 10  # N
-    config.ranking.dba_k = 20  # N'
-    config.ranking.combined_aqe_k = 1  # N when AQE and DBA are combined (Gordo et al. 2017)
-    config.ranking.combined_dba_k = 20  # N' when combined
+    config.ranking.columns = paper.COLUMNS
+    config.ranking.aqe_k = paper.SETTINGS["aqe_k"]  # N
+    config.ranking.dba_k = paper.SETTINGS["dba_k"]  # N'
+    config.ranking.combined_aqe_k = paper.SETTINGS[
+        "combined_aqe_k"
+    ]  # N when AQE and DBA are combined (Gordo et al. 2017)
+    config.ranking.combined_dba_k = paper.SETTINGS["combined_dba_k"]  # N' when combined
     config.ranking.aqe_alpha = 0.0
     config.ranking.dba_alpha = 0.0
     config.ranking.block_size = 16384

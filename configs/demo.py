@@ -34,6 +34,9 @@ def get_config(arg=None):
     config.data.build_demo = True
     config.extraction.policy.size = 362
     config.extraction.batch_size = 8
+    # Exact population statistics, not the paper's running averages (bn.mode=pytorch): the
+    # demo has only 13 batches, after which momentum 0.1 still keeps 0.9**13 = 25% of the
+    # initial (0, 1) statistics; the paper's sets have 300+ batches (0.9**300 ~ 0).
     config.bn.mode = "exact"
     config.bn.batch_size = 8
     config.whitening.dim = 64  # the PCA is learned on 104 database images

@@ -43,8 +43,8 @@ Speed. Two solvers give the same values (to float rounding), ``solver="auto"`` p
 - ``"native"`` (the default on CPU): ``jretrieval.native.truncated_cg``, a C++ XLA custom call
   compiled on first use. Per node it stores only the edges inside the truncation set that the
   node reaches (x is exactly zero elsewhere) and runs the CG on that sparse matrix, threads over
-  nodes. On a 2-core CPU it is 6-17x faster than the authors' per-node SciPy loop
-  (``bench/diffusion.py``, ``bench/scale.py``, ``docs/bench_diffusion.md``).
+  nodes. On a 2-core CPU it is 7-17x faster than the authors' per-node SciPy loop
+  (``bench/scale.py``, ``docs/benchmarks.md``; end to end: ``bench/diffusion.py``).
 - ``"xla"`` (GPU/TPU, or CPU without a C++ compiler): the truncated systems only couple nodes of
   the same connected component of the mutual kNN graph, and ``x`` is exactly zero outside the
   node's own component; so nodes are grouped by component. Components of at most ``dense_max``
@@ -59,11 +59,33 @@ Speed. Two solvers give the same values (to float rounding), ``solver="auto"`` p
 
 The neighbour step computes each row block's similarities with one matrix product, bounds the
 ``T``-th largest from below by an exact bisection over a column sample, and picks the exact top
-``T`` among the few candidates on the host (``lax.top_k`` with ``k = T`` is ~20x slower on
-CPU); only the first ``kd`` are sorted.
+``T`` among the candidates: on one device on the host (``lax.top_k`` with ``k = T`` is ~20x
+slower on CPU), on a mesh by ``lax.top_k`` over the candidates (no host in the loop); only the
+first ``kd`` are sorted.
+
+One device and a mesh. Each stage is written once, as a kernel over a block of graph rows that
+knows the rows' global ids (padding ids ``>= M`` never count): ``_threshold_rows`` /
+``_node_first`` (neighbours), ``_mutual_rows`` / ``_weights`` / ``_normalised`` (affinity and
+Laplacian), ``_solve_rows`` or the native kernel (solves), ``_query_rows`` / ``_joint_rows``
+(joint scores), ``_online_rows`` (online scores). With ``mesh=None`` they run directly, block by
+block; with a 1-D ``mesh`` (``jretrieval.mesh.make_mesh``) the nodes are split in contiguous
+shards (``mesh.shard_rows``) and each device runs the same kernels on its rows under
+``shard_map``, adding only collectives: the neighbour stage all-gathers the descriptors
+(``M x D`` per device: 100 MB at 50,000 x 512), the affinity and the solves all-gather the
+``[M, kd]`` lists and degrees (``8 M kd`` bytes), the joint scores ``psum`` the ``[Q, M]`` query
+rows, the online scores ``psum`` ``[Q, N]``. The one-device XLA solver's component GEMM path and
+the host pick are one-device speed paths (same results); on a mesh every node takes the
+per-node path. Results equal one device's (indices exactly on tie-free data and for exact ties,
+values to float rounding: a shard's products may round differently in the last bit).
+
+``block_size`` (``offline``, ``rank``): graph rows scored against all ``M`` nodes at once by the
+neighbour stage and densified at once by the joint scores, i.e. ``[block_size, M]`` float32 per
+block (per device on a mesh); default a power of two within 16 MB. ``node_chunk``: nodes per
+call of the XLA per-node solver; ``dense_max``: the component GEMM path's largest component.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
-the numeric kernels inside are jitted with static shapes.
+the numeric kernels inside are jitted with static shapes. This module is long (about 1,000
+lines) but one idea: the diffusion of Yang et al., stage by stage, with its two solvers.
 """
 
 from __future__ import annotations
@@ -78,8 +100,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
+from jretrieval import mesh as mesh_lib
 from jretrieval import native, progress, search
 
 __all__ = [
@@ -184,7 +209,36 @@ def _pair(queries: ArrayLike, database: ArrayLike) -> tuple[np.ndarray, np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Neighbours: truncation set by exact threshold bisection, kd-list by top_k on that set.
+# Row blocks. Every kernel below works on a block of graph rows whose global ids it is given
+# (``gid``, or the block's first id ``start``); ids ``>= M`` are padding (the mesh pads the last
+# shard) and never count. One device runs a kernel directly over row blocks; a mesh runs the
+# same kernel under ``shard_map`` on each device's rows, adding only ``all_gather``/``psum``.
+
+
+def _default_rows(m: int, block_size: int | None) -> int:
+    """Rows per block: ``block_size``, or a power of two keeping ``[rows, M]`` within 16 MB."""
+    if block_size is None:
+        block_size = max(8, 2 ** int(math.log2(max(1, _BUDGET // m))))
+    return int(min(m, block_size))
+
+
+def _map_rows(fn, arrays: tuple, chunk: int):
+    """``fn`` over equal chunks of ``chunk`` rows of ``arrays`` (``lax.map``, last one padded);
+    ``fn`` returns a pytree of ``[chunk, ...]`` arrays, concatenated back to the input rows."""
+    rows = arrays[0].shape[0]
+    chunk = min(chunk, rows)
+    num = -(-rows // chunk)
+    pad = lambda a: jnp.pad(a, ((0, num * chunk - rows),) + ((0, 0),) * (a.ndim - 1))
+    split = tuple(pad(a).reshape(num, chunk, *a.shape[1:]) for a in arrays)
+    out = lax.map(lambda args: fn(*args), split) if num > 1 else fn(*(a[0] for a in split))
+    merge = (
+        (lambda a: a.reshape(num * chunk, *a.shape[2:])[:rows]) if num > 1 else (lambda a: a[:rows])
+    )
+    return jax.tree_util.tree_map(merge, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Neighbours: truncation set by threshold bisection, kd-list by top_k on that set.
 
 
 def _sortable(s: jax.Array) -> jax.Array:
@@ -193,17 +247,27 @@ def _sortable(s: jax.Array) -> jax.Array:
     return jnp.where((u >> 31) == 1, ~u, u | jnp.uint32(0x80000000))
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "stride"))
-def _threshold_block(q: jax.Array, x: jax.Array, rows: jax.Array, rank: int, stride: int):
-    """Similarities of a row block (self set to +inf) and a candidate mask per row.
+def _sample_plan(m: int, truncation: int) -> tuple[int, int]:
+    """``(stride, rank)`` of the candidate threshold: the ``rank``-th largest similarity among
+    every ``stride``-th column, with a margin so that >= ``truncation`` columns pass w.h.p.
+    (exact when ``stride == 1``)."""
+    stride = max(1, m // (4 * truncation))
+    expect = truncation / stride
+    rank = truncation if stride == 1 else int(min(m // stride, expect + 4 * expect**0.5 + 8))
+    return stride, rank
+
+
+def _threshold_rows(q, x, gid, *, rank: int, stride: int):
+    """Similarities of a row block against all ``M`` nodes ``x`` (own column ``+inf``) and each
+    row's candidates ``ge`` (similarity >= the sample threshold) with their count.
 
     The threshold is the ``rank``-th largest similarity among every ``stride``-th column, found
     by an exact bisection on the float order; with ``stride == 1`` it is the exact ``rank``-th
     largest of the row, otherwise a lower bound whose candidate set holds the top ``T`` with
-    high probability (checked by the caller).
+    high probability (a row short of candidates takes its whole row).
     """
     s = jnp.matmul(q, x.T, precision=_HIGHEST)
-    s = s.at[jnp.arange(q.shape[0]), rows].set(jnp.inf, mode="drop")
+    s = s.at[jnp.arange(q.shape[0]), gid].set(jnp.inf, mode="drop")
     sample = _sortable(s[:, ::stride])
 
     def bit(b, tau):  # largest tau with #(sample >= tau) >= rank, found bit by bit
@@ -214,6 +278,36 @@ def _threshold_block(q: jax.Array, x: jax.Array, rows: jax.Array, rank: int, str
     tau = lax.fori_loop(0, 32, bit, jnp.zeros(q.shape[0], jnp.uint32))
     ge = _sortable(s) >= tau[:, None]
     return s, ge, jnp.sum(ge, axis=1, dtype=jnp.int32)
+
+
+def _select_rows(s, ge, count, truncation: int) -> jax.Array:
+    """The ``T`` columns of largest ``s`` among each row's candidates (ties: lower column
+    first), sorted by column: int32 ``[R, T]``. (The device form of ``_top_sets``.)"""
+    keep = ge | (count < truncation)[:, None]
+    idx = lax.top_k(jnp.where(keep, s, -jnp.inf), truncation)[1]
+    return jnp.sort(idx, axis=1).astype(jnp.int32)
+
+
+def _kd_rows(s, idx, kd: int):
+    """The ``kd`` largest of each row's truncation set: ``(sims, positions in idx)``."""
+    return lax.top_k(jnp.take_along_axis(s, idx, axis=1), kd)
+
+
+def _node_first(idx, k_sims, k_pos):
+    """``(ids [R, T], ids_kd [R, kd], sims_kd [R, kd])``: the node (its own column scores
+    ``+inf``, so it leads its kd-list) swapped into slot 0 of its truncation set, the column it
+    displaces into the node's place; the node's own similarity stored as 1."""
+    r = jnp.arange(idx.shape[0])
+    k_ids = jnp.take_along_axis(idx, k_pos, axis=1)
+    ids = idx.at[r, k_pos[:, 0]].set(idx[:, 0]).at[:, 0].set(k_ids[:, 0])
+    return ids, k_ids, k_sims.at[:, 0].set(1.0)
+
+
+_threshold_block = jax.jit(_threshold_rows, static_argnames=("rank", "stride"))
+# (Separate calls: on CPU, XLA only uses its fast top-k kernel when the outputs of
+# ``lax.top_k`` are not updated in the same computation.)
+_kd_block = jax.jit(_kd_rows, static_argnames=("kd",))
+_node_first_block = jax.jit(_node_first)
 
 
 def _top_sets(s: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -242,83 +336,131 @@ def _top_sets(s: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     return cols[keep].reshape(r, k)
 
 
-@functools.partial(jax.jit, static_argnames=("kd",))
-def _kd_block(s: jax.Array, idx: jax.Array, kd: int):
-    """The ``kd`` largest of each row's truncation set: ``(sims, positions in idx)``.
+def _neighbours_local(x: np.ndarray, truncation: int, kd: int, rows: int):
+    """One device: ``(ids [M, T], ids_kd [M, kd], sims_kd [M, kd])`` as NumPy, block by block.
 
-    (The outputs of ``lax.top_k`` are left untouched here: on CPU, XLA only uses its fast top-k
-    kernel when they are not updated in the same computation.)
+    The candidates are read on the host (``np.flatnonzero`` on the mask, exact top ``T`` by
+    ``_top_sets`` only for rows with ties or extra candidates): on CPU several times faster
+    than ``lax.top_k`` with ``k = T``, which the mesh kernel uses instead.
     """
-    return lax.top_k(jnp.take_along_axis(s, idx, axis=1), kd)
-
-
-def _neighbours(x: np.ndarray, truncation: int, kd: int):
-    """``(ids [M, T], ids_kd [M, kd], sims_kd [M, kd])``, each row's node first."""
     m = x.shape[0]
-    rows = int(min(m, max(8, 2 ** int(math.log2(max(1, _BUDGET // m))))))
+    stride, rank = _sample_plan(m, truncation)
     xd = jnp.asarray(x)
-    ids = np.empty((m, truncation), np.int32)
-    ids_kd = np.empty((m, kd), np.int32)
-    sims_kd = np.empty((m, kd), np.float32)
-    # Candidates from a sample of every ``stride``-th column (exact when stride == 1): its
-    # rank-th largest value with a margin, so that >= truncation columns pass w.h.p.
-    stride = max(1, m // (4 * truncation))
-    expect = truncation / stride
-    rank = truncation if stride == 1 else int(min(m // stride, expect + 4 * expect**0.5 + 8))
-    starts = range(0, m, rows)
+    out = [np.empty((m, truncation), np.int32), np.empty((m, kd), np.int32)]
+    out.append(np.empty((m, kd), np.float32))
+    count_rows = lambda s: min(rows, m - s)
     for start in progress.track(
-        starts, total=m, desc="diffusion neighbours", unit="nodes", count=lambda s: min(rows, m - s)
+        range(0, m, rows), total=m, desc="diffusion neighbours", unit="nodes", count=count_rows
     ):
         stop = min(start + rows, m)
-        r = jnp.arange(start, start + rows, dtype=jnp.int32)
+        gid = jnp.arange(start, start + rows, dtype=jnp.int32)
         q = jnp.asarray(np.pad(x[start:stop], ((0, start + rows - stop), (0, 0))))
-        s, ge, count = _threshold_block(q, xd, r, rank=rank, stride=stride)
+        s, ge, count = _threshold_block(q, xd, gid, rank=rank, stride=stride)
         # (slicing the host views, not the device arrays: a device slice copies the block)
         ge_h, count = np.asarray(ge)[: stop - start], np.asarray(count)[: stop - start]
         if np.all(count == truncation):  # the common exact case: no ties, no margin
             idx = (np.flatnonzero(ge_h) % m).reshape(stop - start, truncation).astype(np.int32)
-        else:  # a row short of candidates (sample bound too high, rare) takes its whole row
-            s_h = np.asarray(s)[: stop - start]
+        else:
             ge_h = ge_h | (count < truncation)[:, None]
-            idx = _top_sets(s_h, ge_h, truncation).astype(np.int32)
-        idx = np.pad(idx, ((0, start + rows - stop), (0, 0)))
-        k_sims, k_pos = _kd_block(s, jnp.asarray(idx), kd=kd)
-        idx, k_pos = idx[: stop - start], np.asarray(k_pos[: stop - start])
-        k_ids = np.take_along_axis(idx, k_pos, axis=1)  # the node itself first (+inf)
-        n = np.arange(stop - start)
-        idx[n, k_pos[:, 0]] = idx[:, 0]  # swap the node to the front of its truncation set
-        idx[:, 0] = k_ids[:, 0]
-        ids[start:stop] = idx
-        ids_kd[start:stop] = k_ids
-        sims_kd[start:stop] = np.asarray(k_sims[: stop - start])
-        sims_kd[start:stop, 0] = 1.0  # the node's own slot; excluded from the affinity
-    return ids, ids_kd, sims_kd
+            idx = _top_sets(np.asarray(s)[: stop - start], ge_h, truncation).astype(np.int32)
+        idx = jnp.asarray(np.pad(idx, ((0, start + rows - stop), (0, 0))))
+        got = _node_first_block(idx, *_kd_block(s, idx, kd=kd))
+        for o, g in zip(out, got, strict=True):
+            o[start:stop] = np.asarray(g)[: stop - start]
+    return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "m", "truncation", "kd", "rows"))
+def _neighbours_mesh(x, *, mesh, m: int, truncation: int, kd: int, rows: int):
+    """The mesh: each device the same rows kernel on its shard of nodes, against all ``M``
+    nodes (all-gathered), in blocks of ``rows``; ``lax.top_k`` picks the exact sets."""
+    axis = mesh_lib.axis_name(mesh)
+    stride, rank = _sample_plan(m, truncation)
+
+    def body(x_loc):
+        x_all = lax.all_gather(x_loc, axis, tiled=True)[:m]
+        gid = lax.axis_index(axis) * x_loc.shape[0] + jnp.arange(x_loc.shape[0], dtype=jnp.int32)
+
+        def block(q, g):
+            s, ge, count = _threshold_rows(q, x_all, g, rank=rank, stride=stride)
+            idx = _select_rows(s, ge, count, truncation)
+            return _node_first(idx, *_kd_rows(s, idx, kd))
+
+        return _map_rows(block, (x_loc, gid), rows)
+
+    spec = P(axis)
+    return mesh_lib.shard_map(mesh, body, spec, (spec, spec, spec))(x)
+
+
+def _neighbours(x: np.ndarray, truncation: int, kd: int, *, mesh=None, block_size=None):
+    """The neighbour stage alone, as NumPy ``(ids [M, T], ids_kd [M, kd], sims_kd [M, kd])``
+    (for tests and benchmarks; ``offline`` keeps the mesh's results on the devices)."""
+    m = x.shape[0]
+    rows = _default_rows(m, block_size)
+    if mesh is None:
+        return _neighbours_local(x, truncation, kd, rows)
+    xs = mesh_lib.shard_rows(x, mesh).array
+    out = _neighbours_mesh(xs, mesh=mesh, m=m, truncation=truncation, kd=kd, rows=rows)
+    return tuple(mesh_lib.to_host(a)[:m] for a in out)
 
 
 # ---------------------------------------------------------------------------------------------
 # 2-3. Mutual kNN affinity, normalisation, connected components.
 
 
+def _mutual_rows(ids_kd, gid, ids_kd_all, chunk: int) -> jax.Array:
+    """``[R, kd]``: is the row's node in the kd-list of each of its kd neighbours (itself and
+    padding rows excluded)? ``ids_kd_all`` ``[M, kd]`` holds every node's kd-list."""
+    m = ids_kd_all.shape[0]
+
+    def block(nbr, node):
+        back = ids_kd_all[nbr]  # [c, kd, kd]: the kd-lists of the neighbours
+        hit = jnp.any(back == node[:, None, None], axis=2) & (nbr != node[:, None])
+        return hit & (node < m)[:, None]
+
+    return _map_rows(block, (ids_kd, gid), chunk)
+
+
+def _weights(mutual, sims_kd, gamma):
+    """``(W [R, kd], D^-1/2 [R])``: ``max(s, 0) ** gamma`` on mutual slots, degree + 1e-12."""
+    w = jnp.where(mutual, jnp.maximum(sims_kd, 0.0) ** gamma, 0.0)
+    return w, (jnp.sum(w, axis=1) + 1e-12) ** -0.5
+
+
+def _normalised(w, inv_rows, inv_all, ids_kd, alpha):
+    """``alpha S`` on the kd-lists: ``alpha D^-1/2 W D^-1/2`` (``inv_all`` ``[M]``)."""
+    return alpha * (w * inv_rows[:, None] * inv_all[ids_kd])
+
+
+def _mutual_chunk(m: int, kd: int) -> int:
+    return max(1, min(m, _BUDGET // (kd * kd)))
+
+
 @functools.partial(jax.jit, static_argnames=("gamma", "alpha"))
 def _graph(ids_kd: jax.Array, sims_kd: jax.Array, gamma: float, alpha: float):
-    """``(alpha * S [M, kd] on the kd-lists, mutual [M, kd])``; slot 0 (the node) is 0."""
+    """One device: ``(alpha * S [M, kd] on the kd-lists, mutual [M, kd])``; slot 0 is 0."""
     m, kd = ids_kd.shape
-    chunk = max(1, min(m, _BUDGET // (kd * kd)))
-    n_chunks = -(-m // chunk)
-    pad = n_chunks * chunk - m
-    nodes = jnp.arange(n_chunks * chunk, dtype=jnp.int32).reshape(n_chunks, chunk)
-    nbrs = jnp.pad(ids_kd, ((0, pad), (0, 0))).reshape(n_chunks, chunk, kd)
+    gid = jnp.arange(m, dtype=jnp.int32)
+    mutual = _mutual_rows(ids_kd, gid, ids_kd, _mutual_chunk(m, kd))
+    w, inv = _weights(mutual, sims_kd, gamma)
+    return _normalised(w, inv, inv, ids_kd, alpha), mutual
 
-    def mutual_chunk(args):
-        node, nbr = args  # [c], [c, kd]
-        back = ids_kd[nbr]  # [c, kd, kd]: the kd-lists of the neighbours
-        return jnp.any(back == node[:, None, None], axis=2) & (nbr != node[:, None])
 
-    mutual = lax.map(mutual_chunk, (nodes, nbrs)).reshape(-1, kd)[:m]
-    w = jnp.where(mutual, jnp.maximum(sims_kd, 0.0) ** gamma, 0.0)
-    d = jnp.sum(w, axis=1) + 1e-12
-    inv = d**-0.5
-    return alpha * (w * inv[:, None] * inv[ids_kd]), mutual
+@functools.partial(jax.jit, static_argnames=("mesh", "m", "gamma", "alpha"))
+def _graph_mesh(ids_kd, sims_kd, *, mesh, m: int, gamma: float, alpha: float):
+    """The mesh: ``_graph`` on each device's rows, kd-lists and degrees all-gathered."""
+    axis = mesh_lib.axis_name(mesh)
+
+    def body(kd_loc, sims_loc):
+        s, kd = kd_loc.shape
+        gid = lax.axis_index(axis) * s + jnp.arange(s, dtype=jnp.int32)
+        kd_all = lax.all_gather(kd_loc, axis, tiled=True)[:m]
+        mutual = _mutual_rows(kd_loc, gid, kd_all, _mutual_chunk(m, kd))
+        w, inv = _weights(mutual, sims_loc, gamma)
+        inv_all = lax.all_gather(inv, axis, tiled=True)[:m]
+        return _normalised(w, inv, inv_all, kd_loc, alpha)
+
+    return mesh_lib.shard_map(mesh, body, (P(axis), P(axis)), P(axis))(ids_kd, sims_kd)
 
 
 @jax.jit
@@ -402,12 +544,12 @@ def _solve_dense(members, ids, ids_kd, a_s, comp, pos, *, max_iter: int, tol: fl
     return jnp.where(inside, jnp.take_along_axis(x, t_pos, axis=2), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
-def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
-    """Per-node solves on ``[T, kd]`` neighbour tables; ``nodes`` int32 ``[C]``. -> ``[C, T]``."""
-    m, t = ids.shape
-    c = nodes.shape[0]
-    t_ids = ids[nodes]  # [C, T]
+def _solve_rows(t_ids, ids_kd, a_s, *, max_iter: int, tol: float):
+    """Per-node solves of a block of nodes on ``[T, kd]`` neighbour tables (the XLA per-node
+    kernel). ``t_ids`` int32 ``[C, T]`` truncation sets (node first); ``ids_kd``/``a_s``
+    ``[M, kd]`` of all nodes. -> ``[C, T]``."""
+    c, t = t_ids.shape
+    m = ids_kd.shape[0]
     table = jnp.full((c, m), -1, jnp.int32)
     table = table.at[jnp.arange(c)[:, None], t_ids].set(jnp.arange(t, dtype=jnp.int32)[None])
     nbr = ids_kd[t_ids].reshape(c, -1)  # [C, T * kd]
@@ -422,6 +564,12 @@ def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
 
     b = jnp.zeros((c, t), jnp.float32).at[:, 0].set(1.0)
     return _cg(matvec, b, max_iter=max_iter, tol=tol)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
+def _solve_nodes(nodes, ids, ids_kd, a_s, *, max_iter: int, tol: float):
+    """``_solve_rows`` for the nodes ``nodes`` int32 ``[C]`` of one device's graph."""
+    return _solve_rows(ids[nodes], ids_kd, a_s, max_iter=max_iter, tol=tol)
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
@@ -446,6 +594,33 @@ def _solve_all_native(ids, ids_kd, a_s, *, max_iter, tol) -> np.ndarray:
         out = _solve_native(jnp.asarray(nodes), *args, max_iter=max_iter, tol=tol)
         values[g : g + count(g)] = np.asarray(out)[: count(g)]
     return values
+
+
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "m", "node_chunk", "max_iter", "tol", "threads")
+)  # fmt: skip
+def _solve_mesh(ids, ids_kd, a_s, *, mesh, m, node_chunk, max_iter, tol, threads):
+    """The mesh: each device solves its own nodes with every node's ``[M, kd]`` tables
+    all-gathered (``8 M kd`` bytes), by the native kernel (``threads > 0``) or ``_solve_rows``
+    in chunks of ``node_chunk`` nodes. Padding rows come back 0."""
+    axis = mesh_lib.axis_name(mesh)
+
+    def body(ids_loc, kd_loc, as_loc):
+        s, t = ids_loc.shape
+        valid = lax.axis_index(axis) * s + jnp.arange(s) < m
+        kd_all = lax.all_gather(kd_loc, axis, tiled=True)[:m]
+        as_all = lax.all_gather(as_loc, axis, tiled=True)[:m]
+        t_ids = jnp.where(valid[:, None], ids_loc, jnp.arange(t, dtype=jnp.int32)[None])
+        if threads:
+            kw = dict(max_iter=max_iter, tol=tol, num_threads=threads)
+            out = native.truncated_cg(t_ids, kd_all, as_all, **kw)
+        else:
+            solve = lambda rows: _solve_rows(rows, kd_all, as_all, max_iter=max_iter, tol=tol)
+            out = _map_rows(solve, (t_ids,), node_chunk)
+        return jnp.where(valid[:, None], out, 0.0)
+
+    spec = P(axis)
+    return mesh_lib.shard_map(mesh, body, (spec,) * 3, spec)(ids, ids_kd, a_s)
 
 
 def use_native(solver: str, platform: str | None = None) -> bool:
@@ -560,6 +735,50 @@ def _solve(ids, ids_kd, a_s, labels, *, max_iter, tol, dense_max, node_chunk) ->
     return values
 
 
+# ---------------------------------------------------------------------------------------------
+# Offline: the three stages, on one device or on a mesh.
+
+
+def _check_offline(x, truncation, kd, max_iter, gamma, alpha, tol, solver, mesh, **blocks) -> int:
+    """Validates the offline arguments; returns the clamped truncation."""
+    m = x.shape[0]
+    _check_int("truncation", truncation, 1)
+    t = min(int(truncation), m)
+    _check_int("kd", kd, 1, t, f" (truncation set size min(truncation, M) for M={m} nodes)")
+    _check_int("max_iter", max_iter, 0)
+    for name, value in blocks.items():
+        if value is not None:
+            _check_int(name, value, 1)
+    _check_params(gamma, alpha, tol)
+    use_native(solver, None if mesh is None else mesh.devices.flat[0].platform)
+    return t
+
+
+def _offline_rows(x: np.ndarray, *, mesh, t, kd, gamma, alpha, tol, max_iter, rows, dense_max,
+                  node_chunk, solver):  # fmt: skip
+    """``(indices, values)`` ``[M, T]``: NumPy on one device; on a mesh, row-sharded device
+    arrays padded to ``[n_dev * s, T]`` (padding rows last)."""
+    m = x.shape[0]
+    gamma, alpha, tol, max_iter = float(gamma), float(alpha), float(tol), int(max_iter)
+    if mesh is not None:
+        threads = 0
+        if use_native(solver, mesh.devices.flat[0].platform):
+            local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+            threads = native.threads(local)  # the local devices' solves run at the same time
+        xs = mesh_lib.shard_rows(x, mesh).array
+        ids, ids_kd, sims_kd = _neighbours_mesh(xs, mesh=mesh, m=m, truncation=t, kd=kd, rows=rows)
+        a_s = _graph_mesh(ids_kd, sims_kd, mesh=mesh, m=m, gamma=gamma, alpha=alpha)
+        kw = dict(mesh=mesh, m=m, node_chunk=node_chunk, max_iter=max_iter, tol=tol)
+        return ids, _solve_mesh(ids, ids_kd, a_s, threads=threads, **kw)
+    ids, ids_kd, sims_kd = _neighbours_local(x, t, kd, rows)
+    a_s, mutual = _graph(jnp.asarray(ids_kd), jnp.asarray(sims_kd), gamma, alpha)
+    if use_native(solver):
+        return ids, _solve_all_native(ids, ids_kd, a_s, max_iter=max_iter, tol=tol)
+    labels = np.asarray(_components(jnp.asarray(ids_kd), mutual))
+    kw = dict(max_iter=max_iter, tol=tol, dense_max=dense_max, node_chunk=node_chunk)
+    return ids, _solve(ids, ids_kd, np.asarray(a_s), labels, **kw)
+
+
 def offline(
     database: ArrayLike,
     *,
@@ -569,6 +788,8 @@ def offline(
     alpha: float = 0.99,
     tol: float = 1e-6,
     max_iter: int = 20,
+    mesh: Mesh | None = None,
+    block_size: int | None = None,
     dense_max: int = 1024,
     node_chunk: int = 16,
     solver: str = "auto",
@@ -583,9 +804,14 @@ def offline(
       gamma: exponent of the clipped similarities.
       alpha: diffusion weight in ``L = I - alpha S``, in ``(0, 1)``.
       tol: CG relative residual tolerance; ``max_iter``: CG iteration cap.
-      dense_max: components up to this size are solved as dense GEMMs (speed only; any value
-        gives the same result).
-      node_chunk: nodes per batched call on the per-node path (speed/memory only).
+      mesh: a 1-D device mesh (``jretrieval.mesh.make_mesh``) to shard the nodes over, or None
+        for one device. With several processes every process passes the same full array.
+      block_size: graph rows scored against all ``M`` nodes at once by the neighbour stage
+        (and the joint scores of ``rank``): ``[block_size, M]`` float32 per block (default:
+        a power of two within 16 MB). Speed/memory only.
+      dense_max: components up to this size are solved as dense GEMMs by the one-device XLA
+        solver (speed only; any value gives the same result).
+      node_chunk: nodes per batched call of the XLA per-node solver (speed/memory only).
       solver: ``"native"`` (C++ kernel, CPU only), ``"xla"``, or ``"auto"`` (native on CPU when
         it builds, else xla); speed only: the values agree to float rounding.
 
@@ -593,31 +819,12 @@ def offline(
       ``Offline`` with ``indices``/``values`` ``[M, T]``.
     """
     x = _descriptors(database, "database")
-    m = x.shape[0]
-    _check_int("truncation", truncation, 1)
-    t = min(int(truncation), m)
-    _check_int("kd", kd, 1, t, f" (truncation set size min(truncation, M) for M={m} nodes)")
-    _check_int("max_iter", max_iter, 0)
-    _check_int("dense_max", dense_max, 1)
-    _check_int("node_chunk", node_chunk, 1)
-    _check_params(gamma, alpha, tol)
-    on_native = use_native(solver)
-    ids, ids_kd, sims_kd = _neighbours(x, t, kd)
-    a_s, mutual = _graph(jnp.asarray(ids_kd), jnp.asarray(sims_kd), float(gamma), float(alpha))
-    if on_native:
-        values = _solve_all_native(ids, ids_kd, a_s, max_iter=int(max_iter), tol=float(tol))
-    else:
-        labels = np.asarray(_components(jnp.asarray(ids_kd), mutual))
-        values = _solve(
-            ids,
-            ids_kd,
-            np.asarray(a_s),
-            labels,
-            max_iter=int(max_iter),
-            tol=float(tol),
-            dense_max=int(dense_max),
-            node_chunk=int(node_chunk),
-        )
+    kw = dict(kd=kd, gamma=gamma, alpha=alpha, tol=tol, max_iter=max_iter, mesh=mesh,
+              dense_max=dense_max, node_chunk=node_chunk, solver=solver)  # fmt: skip
+    t = _check_offline(x, truncation, block_size=block_size, **kw)
+    ids, values = _offline_rows(x, t=t, rows=_default_rows(x.shape[0], block_size), **kw)
+    if mesh is not None:
+        ids, values = (mesh_lib.to_host(a)[: x.shape[0]] for a in (ids, values))
     return Offline(
         indices=jnp.asarray(ids),
         values=jnp.asarray(values),
@@ -645,45 +852,100 @@ def _order(scores: ArrayLike, sims: ArrayLike) -> jax.Array:
     return jnp.asarray(order.astype(np.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("num_queries", "block"))
-def _joint_scores_impl(idx, val, *, num_queries: int, block: int) -> jax.Array:
-    m, t = idx.shape
-    n = m - num_queries
-    val = val / jnp.maximum(jnp.linalg.norm(val, axis=1, keepdims=True), 1e-30)
-    q_rows = jnp.zeros((num_queries, m), jnp.float32)
-    q_rows = q_rows.at[jnp.arange(num_queries)[:, None], idx[:num_queries]].set(val[:num_queries])
-    n_blocks = -(-n // block)
-    pad = ((0, n_blocks * block - n), (0, 0))
-    db_idx = jnp.pad(idx[num_queries:], pad).reshape(n_blocks, block, t)
-    db_val = jnp.pad(val[num_queries:], pad).reshape(n_blocks, block, t)
-
-    def one(args):  # densify a block of database rows, one GEMM with the query rows
-        i, v = args
-        rows = jnp.zeros((block, m), jnp.float32).at[jnp.arange(block)[:, None], i].set(v)
-        return jnp.matmul(q_rows, rows.T, precision=_HIGHEST)  # [Q, block]
-
-    out = lax.map(one, (db_idx, db_val))  # [n_blocks, Q, block]
-    return out.transpose(1, 0, 2).reshape(num_queries, -1)[:, :n]
+def _unit_rows(val: jax.Array) -> jax.Array:
+    return val / jnp.maximum(jnp.linalg.norm(val, axis=1, keepdims=True), 1e-30)
 
 
-def _joint_scores(off: Offline, num_queries: int) -> jax.Array:
+def _query_rows(idx, val, gid, num_queries: int, m: int) -> jax.Array:
+    """Dense ``[Q, M]`` rows of the block's query nodes (ids ``< Q``; other rows dropped)."""
+    rows = jnp.where(gid < num_queries, gid, num_queries)[:, None]
+    return jnp.zeros((num_queries, m), jnp.float32).at[rows, idx].set(val, mode="drop")
+
+
+def _joint_rows(q_rows, idx, val, chunk: int) -> jax.Array:
+    """``[R, Q]``: each row's (densified, ``chunk`` at a time) inner product with the queries."""
+    m = q_rows.shape[1]
+
+    def block(i, v):
+        rows = jnp.arange(i.shape[0])[:, None]
+        dense = jnp.zeros((i.shape[0], m), jnp.float32).at[rows, i].set(v)
+        return jnp.matmul(dense, q_rows.T, precision=_HIGHEST)
+
+    return _map_rows(block, (idx, val), chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("num_queries", "chunk"))
+def _joint_scores_local(idx, val, *, num_queries: int, chunk: int) -> jax.Array:
     """Inner products ``[Q, N]`` of the L2-normalised offline rows of queries and database."""
-    m = off.indices.shape[0]
-    block = max(8, min(m - num_queries, _BUDGET // m))
-    return _joint_scores_impl(off.indices, off.values, num_queries=num_queries, block=block)
+    nq, m = num_queries, idx.shape[0]
+    val = _unit_rows(val)
+    q_rows = _query_rows(idx[:nq], val[:nq], jnp.arange(nq), nq, m)
+    return _joint_rows(q_rows, idx[nq:], val[nq:], chunk).T
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "m", "num_queries", "chunk"))
+def _joint_scores_mesh(idx, val, *, mesh, m: int, num_queries: int, chunk: int) -> jax.Array:
+    """The mesh: ``[n_dev * s, Q]`` row-sharded (query rows are summed over devices)."""
+    axis = mesh_lib.axis_name(mesh)
+
+    def body(i_loc, v_loc):
+        gid = lax.axis_index(axis) * i_loc.shape[0] + jnp.arange(i_loc.shape[0])
+        v_loc = _unit_rows(v_loc)
+        q_rows = lax.psum(_query_rows(i_loc, v_loc, gid, num_queries, m), axis)
+        return _joint_rows(q_rows, i_loc, v_loc, chunk)
+
+    return mesh_lib.shard_map(mesh, body, (P(axis), P(axis)), P(axis))(idx, val)
+
+
+def _online_rows(nn_sims, nn_ids, idx, val, start, gamma, n: int) -> jax.Array:
+    """``[Q, N]``: ``sum_j max(s_qj, 0) ** gamma * offline[j]`` over the kq neighbours ``j``
+    that are rows ``start .. start + R`` of this block (others contribute on their block)."""
+    r = idx.shape[0]
+    local = nn_ids - start
+    own = (local >= 0) & (local < r)
+    li = jnp.clip(local, 0, r - 1)
+    w = jnp.where(own, jnp.maximum(nn_sims, 0.0) ** gamma, 0.0)
+    contrib = w[..., None] * val[li]  # [Q, kq, T]
+    rows = jnp.broadcast_to(jnp.arange(nn_ids.shape[0])[:, None, None], contrib.shape)
+    return jnp.zeros((nn_ids.shape[0], n), jnp.float32).at[rows, idx[li]].add(contrib)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
 def _online_scores(nn_sims, nn_ids, idx, val, gamma, *, n: int) -> jax.Array:
-    w = jnp.maximum(nn_sims, 0.0) ** gamma  # [Q, kq]
-    q = nn_ids.shape[0]
-    contrib = w[:, :, None] * val[nn_ids]  # [Q, kq, T]
-    rows = jnp.broadcast_to(jnp.arange(q)[:, None, None], contrib.shape)
-    return jnp.zeros((q, n), jnp.float32).at[rows, idx[nn_ids]].add(contrib)
+    return _online_rows(nn_sims, nn_ids, idx, val, 0, gamma, n)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "n"))
+def _online_scores_mesh(nn_sims, nn_ids, idx, val, gamma, *, mesh, n: int) -> jax.Array:
+    axis = mesh_lib.axis_name(mesh)
+
+    def body(nn_s, nn_i, i_loc, v_loc):
+        start = lax.axis_index(axis) * i_loc.shape[0]
+        return lax.psum(_online_rows(nn_s, nn_i, i_loc, v_loc, start, gamma, n), axis)
+
+    specs = (P(), P(), P(axis), P(axis))
+    return mesh_lib.shard_map(mesh, body, specs, P())(nn_sims, nn_ids, idx, val)
 
 
 def _similarities(queries: np.ndarray, database: np.ndarray) -> jax.Array:
     return jnp.matmul(jnp.asarray(queries), jnp.asarray(database).T, precision=_HIGHEST)
+
+
+def _online(q, db, idx, val, *, kq: int, gamma: float, truncation: int, mesh) -> jax.Array:
+    """Online ranks ``[Q, N]`` from the database's offline rows (one device or mesh form)."""
+    n = db.shape[0]
+    nn_sims, nn_ids = (np.asarray(a) for a in search.topk(q, db, kq))
+    out = []
+    block = max(1, _BUDGET // max(n, kq * truncation))
+    for s in range(0, q.shape[0], block):
+        nn = (nn_sims[s : s + block], nn_ids[s : s + block])
+        if mesh is None:
+            scores = _online_scores(*nn, idx, val, float(gamma), n=n)
+        else:
+            nn = mesh_lib.replicate(tuple(jnp.asarray(a) for a in nn), mesh)
+            scores = _online_scores_mesh(*nn, idx, val, jnp.float32(gamma), mesh=mesh, n=n)
+        out.append(_order(scores, _similarities(q[s : s + block], db)))
+    return jnp.concatenate(out, axis=0)
 
 
 def online_rank(
@@ -693,6 +955,7 @@ def online_rank(
     *,
     kq: int = 10,
     gamma: float | None = None,
+    mesh: Mesh | None = None,
 ) -> jax.Array:
     """Ranks unseen queries with a database's offline matrix (the paper's online step).
 
@@ -702,6 +965,7 @@ def online_rank(
       database: ``[N, D]``, the descriptors ``off`` was computed from (checked).
       kq: query neighbours combined, ``1 <= kq <= N``.
       gamma: exponent of their clipped similarities (default: ``off.gamma``).
+      mesh: a 1-D device mesh to shard the offline rows over, or None for one device.
 
     Returns:
       int32 ``[Q, N]`` database indices, best first.
@@ -717,16 +981,10 @@ def online_rank(
     _check_int("kq", kq, 1, n, f" (database of shape {db.shape})")
     gamma = off.gamma if gamma is None else gamma
     _check_params(gamma, off.alpha, off.tol)
-    nn_sims, nn_ids = search.topk(q, db, kq)
-    out = []
-    block = max(1, _BUDGET // max(n, kq * off.truncation))
-    for s in range(0, q.shape[0], block):
-        scores = _online_scores(
-            nn_sims[s : s + block], nn_ids[s : s + block], off.indices, off.values,
-            float(gamma), n=n,
-        )  # fmt: skip
-        out.append(_order(scores, _similarities(q[s : s + block], db)))
-    return jnp.concatenate(out, axis=0)
+    idx, val = off.indices, off.values
+    if mesh is not None:
+        idx, val = (mesh_lib.shard_rows(mesh_lib.to_host(a), mesh).array for a in (idx, val))
+    return _online(q, db, idx, val, kq=kq, gamma=gamma, truncation=off.truncation, mesh=mesh)
 
 
 def rank(
@@ -740,6 +998,8 @@ def rank(
     alpha: float = 0.99,
     mode: str = "joint",
     solver: str = "auto",
+    mesh: Mesh | None = None,
+    block_size: int | None = None,
 ) -> jax.Array:
     """Diffusion ranking (Yang et al., AAAI 2019) of a database for each query.
 
@@ -752,6 +1012,8 @@ def rank(
       gamma: similarity exponent; alpha: diffusion weight in ``(0, 1)``.
       mode: ``"joint"`` (queries are graph nodes; authors' default) or ``"online"``.
       solver: the offline solves' kernel, ``"auto"``, ``"native"`` or ``"xla"`` (``offline``).
+      mesh: a 1-D device mesh to shard the graph's nodes over, or None for one device.
+      block_size: graph rows per block of the neighbour and joint-score stages (``offline``).
 
     Returns:
       int32 ``[Q, N]`` database indices, best first.
@@ -760,10 +1022,18 @@ def rank(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     q, db = _pair(queries, database)
     _check_int("kq", kq, 1, db.shape[0], f" (database of shape {db.shape})")
+    x = db if mode == "online" else np.concatenate([q, db])
+    kw = dict(kd=kd, gamma=gamma, alpha=alpha, tol=1e-6, max_iter=20, mesh=mesh,
+              dense_max=1024, node_chunk=16, solver=solver)  # fmt: skip
+    t = _check_offline(x, truncation, block_size=block_size, **kw)
+    rows = _default_rows(x.shape[0], block_size)
+    idx, val = _offline_rows(x, t=t, rows=rows, **kw)
     if mode == "online":
-        off = offline(db, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha, solver=solver)
-        return online_rank(off, q, db, kq=kq)
-    graph = np.concatenate([q, db])
-    off = offline(graph, truncation=truncation, kd=kd, gamma=gamma, alpha=alpha, solver=solver)
-    scores = _joint_scores(off, q.shape[0])
+        return _online(q, db, idx, val, kq=kq, gamma=gamma, truncation=t, mesh=mesh)
+    nq, m = q.shape[0], x.shape[0]
+    if mesh is None:
+        scores = _joint_scores_local(jnp.asarray(idx), jnp.asarray(val), num_queries=nq, chunk=rows)
+    else:
+        scores = _joint_scores_mesh(idx, val, mesh=mesh, m=m, num_queries=nq, chunk=rows)
+        scores = mesh_lib.to_host(scores)[nq:m].T
     return _order(scores, _similarities(q, db))

@@ -10,7 +10,7 @@ ensemble):
    (``jretrieval.models.load``), or a random init of ``model_zoo[m].architecture`` with
    ``model_zoo[m].seed`` (the offline demo).
 2. **BN recalibration** (``config.bn.mode`` ``exact`` | ``pytorch`` | ``none``): training-mode
-   passes over the database images (``bn.images``) with ``jretrieval.extract.recalibrate_bn``.
+   passes over the database images (``bn.images``) with ``jretrieval.recalibration``.
    The recalibrated encoder is saved under ``<workdir>/bn/`` (one file per model, dataset and
    settings) and reused by later runs.
 3. **Extraction** of the database and of the queries (cropped to their ``bbx``) with
@@ -23,79 +23,61 @@ ensemble):
    L2 (``jretrieval.whitening.apply``). ``dim`` ``"none"`` (or ``None``) skips PCA: L2 only,
    Table 3's "True dim."; a tuple of dims sweeps them (Table 3).
 5. **Ranking**: every column of ``config.ranking.columns`` (``jretrieval.ranking``).
+   Steps 4-6 are ``jretrieval.evaluation.evaluate_row``.
 6. **Evaluation** with the dataset's protocol (``jretrieval.metrics.evaluate``).
 
+For a row whose model has its own head (AP-GeM, ``model_zoo[m].pooling == "model"``),
+``whitening.apgem`` chooses step 4: ``"common"`` (the paper's pipeline above, the default) or
+``"shipped"`` (the PCA in the checkpoint, as dirtorch's ``test_dir.py`` applies it).
+
 Unreadable images (``extraction.skip_corrupt=True``) are left out and listed in
-``results["skipped"]``: a skipped database image is absent from every ranking (it counts as a
-missed positive, never as a zero vector); a skipped query is left out of the means.
+``results.skipped``: a skipped database image is absent from every ranking (it counts as a
+missed positive, never as a zero vector); a skipped query is left out of the means and of the
+chance level.
 
-The results are a JSON-serialisable dict::
-
-    {"dataset": "oxford5k", "protocol": "classic", "table": "table1",
-     "models": {row: {column: {metric: value in percent}}},
-     "labels": {row: label}, "columns": [column keys in order], "metrics": [metric keys],
-     "dims": [whitening dims swept, None = no PCA], "column_dims": {column key: dim},
-     "settings": config as a dict, "notes": [...], "skipped": {model: [(part, path, why)]},
-     "timings": {"models": {...}, "rows": {...}, "total": s}, "stores": {model: {part: path}},
-     "examples": {row: {"column", "queries", "ranks": top-10 database indices}},
-     "sizes": {"database": N, "queries": Q}}
-
-handed to ``jretrieval.report`` (tables like the paper's, JSON, CSV, plots) and returned.
+``run`` returns a ``jretrieval.results.Results`` (figures, per-query AP, the choices made,
+timings per stage, provenance) and writes nothing; ``jretrieval.report.run`` runs it and writes
+the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jretrieval import distributed, metrics, models, ranking, whitening
+from jretrieval import evaluation, files, keys, metrics, models, preflight, ranking, recalibration
 from jretrieval import extract as extract_lib
+from jretrieval import mesh as mesh_lib
+from jretrieval import results as results_lib
 from jretrieval import store as store_lib
-from jretrieval.datasets import Dataset, load_dataset
-from jretrieval.datasets import images as images_lib
+from jretrieval.datasets import Dataset, load_dataset, require_ground_truth
+from jretrieval.evaluation import LEARN_ON, NO_PCA, SHIPPED_PCA_POWER, Descriptors, ShippedPCA
+from jretrieval.multiscale import extract_at_scales, parse_scales
+from jretrieval.results import Results
+from jretrieval.steps import Loading, Pooling
 
 __all__ = [
-    "Descriptors",
-    "column_key",
+    "APGEM_MODES",
     "describe",
-    "evaluate_row",
     "load_data",
     "load_encoder",
     "parse_dims",
     "parse_models",
-    "postprocess",
     "recalibrate",
     "run",
+    "shipped_pca",
 ]
 
 BN_MODES = ("exact", "pytorch", "none")
-LEARN_ON = ("database", "database+queries")
-NO_PCA = "True dim."
-
-
-class Descriptors(NamedTuple):
-    """One model's raw (pooled, not normalised) descriptors of a dataset.
-
-    Attributes:
-      database: float32 ``[N_kept, C]`` rows for ``dataset.db_paths[db_kept]``.
-      queries: float32 ``[Q_kept, C]`` rows for ``dataset.query_paths[q_kept]``.
-      db_kept: int64 ``[N_kept]`` indices of the database images described.
-      q_kept: int64 ``[Q_kept]`` indices of the queries described.
-      info: stores, timings and skipped images.
-    """
-
-    database: np.ndarray
-    queries: np.ndarray
-    db_kept: np.ndarray
-    q_kept: np.ndarray
-    info: dict[str, Any]
+#: ``whitening.apgem``: how rows with their own head (AP-GeM) are post-processed.
+APGEM_MODES = ("common", "shipped")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -132,8 +114,14 @@ def parse_models(models_field: Sequence[str] | str) -> list[tuple[str, tuple[str
 
 
 def parse_dims(dim: Any) -> tuple[int | None, ...]:
-    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA)."""
-    values = dim if isinstance(dim, (list, tuple)) else [dim]
+    """``whitening.dim`` as a tuple: ints (PCA components) and ``None`` (no PCA).
+
+    Accepts an int, ``None``/``"none"``, a tuple of them, or a comma-separated string as the
+    command line gives it (``--config.whitening.dim=16,32,64,none``).
+    """
+    values: list[Any] = []
+    for v in dim if isinstance(dim, (list, tuple)) else [dim]:
+        values += [part.strip() for part in v.split(",")] if isinstance(v, str) else [v]
     out: list[int | None] = []
     for v in values:
         if v is None or (isinstance(v, str) and v.strip().lower() in ("none", "true", "")):
@@ -153,14 +141,6 @@ def parse_dims(dim: Any) -> tuple[int | None, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"whitening.dim={dim!r} repeats a dimension")
     return tuple(out)
-
-
-def column_key(column: str, dim: int | None, *, sweep: bool, columns: int) -> str:
-    """Name of a result column: the ranking column, the dim of a sweep, or both."""
-    dim_name = NO_PCA if dim is None else str(dim)
-    if not sweep:
-        return column
-    return dim_name if columns == 1 else f"{column} @ {dim_name}"
 
 
 # ----------------------------------------------------------------------------- data, encoders
@@ -183,11 +163,7 @@ def load_data(config: Any) -> Dataset:
             )
         demo.build_demo_dataset(data.root, **_as_dict(data.get("demo_kwargs", {})))
     dataset = load_dataset(data.name, data.root, **kwargs)
-    if not dataset.query_paths or dataset.protocol is None:
-        raise ValueError(
-            f"dataset {data.name!r} has no queries/ground truth; the experiment needs one of "
-            "oxford5k, paris6k, roxford5k, rparis6k, instre (or the demo)"
-        )
+    require_ground_truth(dataset)
     return dataset
 
 
@@ -209,7 +185,7 @@ def load_encoder(config: Any, name: str) -> models.Encoder:
                 f"(checkpoint_dir={config.checkpoint_dir!r}); run `bin/download_checkpoints.sh` "
                 "and `bin/convert_checkpoints.sh`, or set --config.checkpoint_dir"
             )
-        return models.load(path)
+        return models.load(path, expected=spec.get("architecture"))  # the zoo's architecture
     if spec.get("architecture"):
         logging.warning("model %s: RANDOMLY INITIALISED weights (seed %s)", name, spec["seed"])
         return models.init_encoder(_as_dict(spec["architecture"]), seed=int(spec["seed"]))
@@ -223,7 +199,12 @@ def _relative(paths: Sequence[str], root: str) -> list[str]:
 def recalibrate(
     config: Any, name: str, encoder: models.Encoder, dataset: Dataset, *, mesh: Any = None
 ) -> models.Encoder:
-    """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``."""
+    """BN recalibration per ``config.bn``, cached as an encoder file under ``<workdir>/bn/``.
+
+    The file is named by ``keys.bn_key`` (the weights' digest, the images' ids, boxes and file
+    fingerprint, every setting), written atomically by the holder of its writer lock (a second
+    run waits and reuses it) and moved aside and rebuilt when it cannot be read.
+    """
     bn = config.bn
     if bn.mode not in BN_MODES:
         raise ValueError(f"bn.mode={bn.mode!r}; expected one of {BN_MODES}")
@@ -237,47 +218,84 @@ def recalibrate(
         paths += dataset.query_paths
         if dataset.query_bbx is not None:
             boxes = [None] * len(dataset.db_paths) + list(dataset.query_bbx)
-    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
-    key = {
-        "variables_sha256": extract_lib.variables_digest(encoder.variables),
-        "architecture": encoder.architecture,
-        "ids": store_lib.settings_digest({"ids": _relative(paths, dataset.root), "bbx": boxes}),
-        "mode": bn.mode,
-        "momentum": bn.momentum if bn.mode == "pytorch" else None,
-        "batch_size": bn.batch_size,
-        "policy": policy.to_dict(),
-    }
-    folder = os.path.join(config.workdir, "bn")
-    path = store_lib.store_path(folder, model=name, dataset=dataset.name, settings=key)
-    if os.path.isfile(path):
-        logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
-        return models.load(path)
-    # Data parallel over the mesh; with several processes each decodes its rows of each batch.
-    encoder = distributed.recalibrate_images(
+    loading = _loading(config, batch_size=bn.batch_size)
+    key = keys.bn_key(
         encoder,
-        paths,
-        mesh=mesh,
+        weights=keys.variables_digest(encoder.variables),
+        files=keys.files_digest(paths),
+        ids=_relative(paths, dataset.root),
         bbx=boxes,
-        policy=policy,
-        batch_size=bn.batch_size,
-        num_threads=config.extraction.num_threads,
-        skip_corrupt=config.extraction.skip_corrupt,
+        policy=loading.policy.to_dict(),
         mode=bn.mode,
         momentum=bn.momentum,
-        desc=f"recalibrate BN {name} on {dataset.name}",
+        batch_size=bn.batch_size,
     )
-    os.makedirs(folder, exist_ok=True)
-    metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
-    if distributed.is_main_process():  # one writer when several processes run
-        models.save(path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata)
-    distributed.sync(f"saved {path}")
+    folder = os.path.join(config.workdir, "bn")
+    files.clean_temporaries(folder)
+    path = store_lib.store_path(folder, model=name, dataset=dataset.name, settings=key)
+    cached = _load_bn(path, name, locked=False)
+    if cached is not None:
+        return cached
+    # One process: the writer lock makes a second run wait for this one's file. Several
+    # processes recalibrate together (collectives); process 0 writes atomically.
+    alone = jax.process_count() == 1
+    with files.writer_lock(path, what="BN statistics") if alone else contextlib.nullcontext():
+        cached = _load_bn(path, name, locked=alone)  # several: process 0 overwrites it
+        if cached is not None:
+            return cached
+        # Data parallel over the mesh; with several processes each decodes its rows of each batch.
+        encoder = recalibration.recalibrate_images(
+            encoder,
+            paths,
+            loading=loading,
+            bbx=boxes,
+            mesh=mesh,
+            mode=bn.mode,
+            momentum=bn.momentum,
+            desc=f"recalibrate BN {name} on {dataset.name}",
+        )
+        metadata = {**encoder.metadata, "bn_recalibration": key, "dataset": dataset.name}
+        if mesh_lib.is_main_process():  # one writer when several processes run
+            with store_lib.writing(path, what="BN statistics"):
+                os.makedirs(folder, exist_ok=True)
+                models.save(
+                    path, encoder.architecture, encoder.variables, encoder.preprocessing, metadata
+                )
+                files.apply_umask(path)
+    mesh_lib.sync(f"saved {path}")
     return encoder.replace(metadata=metadata)
 
 
-def _pooling(config: Any, spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def _load_bn(path: str, name: str, *, locked: bool) -> models.Encoder | None:
+    """The cached recalibrated encoder at ``path``; ``None`` if absent or (moved aside when
+    ``locked``) unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        encoder = models.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        if locked:
+            files.move_aside(path, f"unreadable BN statistics: {err}")
+        return None
+    logging.info("model %s: reusing recalibrated BN statistics %s", name, path)
+    return encoder
+
+
+def _loading(config: Any, *, batch_size: int) -> Loading:
+    ex = config.extraction
+    return Loading.of(
+        _as_dict(ex.policy),
+        batch_size=batch_size,
+        skip_corrupt=ex.skip_corrupt,
+        num_threads=ex.num_threads,
+    )
+
+
+def _pooling(config: Any, spec: Mapping[str, Any]) -> Pooling:
     name = spec.get("pooling") or config.pooling.name
     kwargs = {"rmac": {"levels": config.pooling.levels}, "gem": {"p": config.pooling.p}}
-    return name, kwargs.get(name, {})
+    map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
+    return Pooling.of(name, kwargs.get(name, {}), map_size, "linear")
 
 
 def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> Descriptors:
@@ -285,14 +303,16 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     start = time.perf_counter()
     spec = _zoo_entry(config, name)
     encoder = load_encoder(config, name)
+    provenance = models.provenance(encoder)  # architecture and weight digests, for results
     t_load = time.perf_counter()
     encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
     t_bn = time.perf_counter()
-    pooling, pooling_kwargs = _pooling(config, spec)
-    map_size = tuple(spec["map_size"]) if spec.get("map_size") else None
-    policy = images_lib.as_policy(_as_dict(config.extraction.policy))
+    pooling = _pooling(config, spec)
+    loading = _loading(config, batch_size=config.extraction.batch_size)
+    weights = keys.variables_digest(encoder.variables)  # once for both parts
     folder = os.path.join(config.workdir, "descriptors")
+    files.clean_temporaries(folder)
     out, info = {}, {"seconds": {}, "stores": {}, "skipped": []}
     parts = {
         "database": (dataset.db_paths, None),
@@ -302,29 +322,25 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         ids = _relative(paths, dataset.root)
         # The recalibrated statistics are in the weights' digest; "bn" only names the mode.
         user = {"model": name, "dataset": dataset.name, "part": part, "bn": config.bn.mode}
-        common = dict(
-            bbx=bbx,
-            policy=policy,
-            pooling=pooling,
-            pooling_kwargs=pooling_kwargs,
-            map_size=map_size,
-            map_method="linear",
-        )
-        full = extract_lib.extraction_settings(encoder, ids, paths=paths, settings=user, **common)
+        scales = parse_scales(config.extraction.get("scales", (1,)))
+        if scales != (1.0,):  # cirtorch's extract_ms; single-scale store keys unchanged
+            user["scales"] = list(scales)
+        key = extract_lib.store_key(encoder, paths, ids=ids, bbx=bbx, loading=loading,
+                                    pooling=pooling, user=user, weights=weights)  # fmt: skip
         store = store_lib.store_path(
-            folder, model=name, dataset=f"{dataset.name}-{part}", settings=full
+            folder, model=name, dataset=f"{dataset.name}-{part}", settings=key
         )
-        desc, report = distributed.extract(  # data parallel; split by process if several
+        desc, report = extract_at_scales(  # data parallel; split by process if several
             encoder,
             paths,
-            mesh=mesh,
-            **common,
-            batch_size=config.extraction.batch_size,
-            store=store,
-            settings=user,
-            skip_corrupt=config.extraction.skip_corrupt,
+            scales=scales,
+            loading=loading,
+            pooling=pooling,
+            bbx=bbx,
             ids=ids,
-            num_threads=config.extraction.num_threads,
+            store=store,
+            key=key,
+            mesh=mesh,
             desc=f"extract {name} {dataset.name} {part}",
         )
         out[part] = (desc, np.asarray(report["kept"], np.int64))
@@ -332,6 +348,7 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
         info["stores"][part] = store
         info["skipped"] += [(part, p, m) for p, m in report["skipped"]]
     info["seconds"].update(load=t_load - start, bn=t_bn - t_load)
+    info["encoder"] = provenance
     logging.info(
         "model %s: descriptors %s (%.1fs)",
         name,
@@ -343,112 +360,24 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     )
 
 
-# ----------------------------------------------------------------------------- post-processing
+# ----------------------------------------------------------------------------- AP-GeM
 
 
-def postprocess(
-    database: Any, queries: Any, *, dim: int | None, learn_on: str = "database"
-) -> tuple[jax.Array, jax.Array]:
-    """L2 -> PCA-whitening (``dim`` components, learned on ``learn_on``) -> L2.
-
-    Args:
-      database: ``[N, D]`` descriptors (already L2-normalised per member for ensembles).
-      queries: ``[Q, D]`` descriptors.
-      dim: kept components, or ``None`` for no PCA (L2 only).
-      learn_on: ``"database"`` or ``"database+queries"``.
-
-    Returns:
-      ``(database [N, dim or D], queries [Q, dim or D])``, rows of unit norm.
-    """
-    if learn_on not in LEARN_ON:
-        raise ValueError(f"whitening.learn_on={learn_on!r}; expected one of {LEARN_ON}")
-    db, q = (
-        whitening.l2_normalize(jnp.asarray(database, jnp.float32)),
-        whitening.l2_normalize(jnp.asarray(queries, jnp.float32)),
-    )
-    if dim is None:
-        return db, q
-    train = db if learn_on == "database" else jnp.concatenate([db, q])
-    pca = whitening.learn_pca(train)
-    components = int(pca.projection.shape[1])
-    if dim > components:
+def shipped_pca(config: Any, name: str) -> ShippedPCA:
+    """The PCA shipped with ``model_zoo[name]``'s converted file (AP-GeM), or a clear error."""
+    encoder = load_encoder(config, name)
+    if "pca" not in encoder.variables:
         raise ValueError(
-            f"whitening.dim={dim} exceeds the {components} components of a PCA learned on "
-            f"{train.shape[0]} descriptors of size {train.shape[1]} ({learn_on}); "
-            f"expected a dim <= min(N, D) = {components}, or 'none'"
+            f"whitening.apgem='shipped' but model {name!r} "
+            f"({_zoo_entry(config, name).get('file')}) has no shipped PCA; convert the "
+            "checkpoint with its 'pca' entry or set --config.whitening.apgem=common"
         )
-    return whitening.apply(pca, db, dim=dim), whitening.apply(pca, q, dim=dim)
+    return ShippedPCA(
+        dict(encoder.variables["pca"]), bool(encoder.architecture.get("pca_whiten", True))
+    )
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-def _row_descriptors(
-    rows: Descriptors | Sequence[Descriptors],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenated, per-member L2-normalised descriptors over the images all members kept."""
-    members = [rows] if isinstance(rows, Descriptors) else list(rows)
-    db_kept = members[0].db_kept
-    q_kept = members[0].q_kept
-    for m in members[1:]:
-        db_kept = np.intersect1d(db_kept, m.db_kept)
-        q_kept = np.intersect1d(q_kept, m.q_kept)
-    db_parts, q_parts = [], []
-    for m in members:
-        db_rows = np.searchsorted(m.db_kept, db_kept)
-        q_rows = np.searchsorted(m.q_kept, q_kept)
-        db_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.database[db_rows]))))
-        q_parts.append(np.asarray(whitening.l2_normalize(jnp.asarray(m.queries[q_rows]))))
-    return np.concatenate(db_parts, 1), np.concatenate(q_parts, 1), db_kept, q_kept
-
-
-def evaluate_row(
-    descriptors: Sequence[Descriptors],
-    dataset: Dataset,
-    *,
-    dims: Sequence[int | None],
-    columns: Sequence[str],
-    params: ranking.RankingParams,
-    learn_on: str = "database",
-    top: int = 0,
-    mesh: Any = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Figures of one row (a model or an ensemble) for every whitening dim and column.
-
-    Args:
-      descriptors: the members' raw descriptors (one for a single model).
-      dataset: the dataset (ground truth, protocol, database size).
-      dims: whitening dims (``None``: no PCA); columns: ranking column names.
-      params: ranking parameters; learn_on: see ``postprocess``.
-      top: queries whose top-10 lists are returned (for the report's picture).
-      mesh: device mesh; with several devices the ranking runs sharded along N
-        (``ranking.rank_columns(mesh=...)``).
-
-    Returns:
-      ``({column key: {metric: percent}}, examples)``; column keys from ``column_key``;
-      ``examples`` holds the first column's top-10 database indices of the first ``top``
-      queries (``{"column", "queries", "ranks"}``).
-    """
-    db_raw, q_raw, db_kept, q_kept = _row_descriptors(descriptors)
-    gnd = [dataset.gnd[i] for i in q_kept]
-    sweep = len(dims) > 1
-    table: dict[str, dict[str, float]] = {}
-    examples: dict[str, Any] = {}
-    for dim in dims:
-        db, q = postprocess(db_raw, q_raw, dim=dim, learn_on=learn_on)
-        for col, r in ranking.rank_columns(q, db, params, columns, mesh=mesh).items():
-            key = column_key(col, dim, sweep=sweep, columns=len(columns))
-            full = db_kept[np.asarray(r)]  # indices into dataset.db_paths
-            table[key] = metrics.evaluate(
-                full, gnd, dataset.protocol, num_database=len(dataset.db_paths)
-            )
-            if not examples:
-                examples = {
-                    "column": key,
-                    "queries": q_kept[:top].tolist(),
-                    "ranks": full[:top, :10].tolist(),
-                }
-    return table, examples
 
 
 def _check_config(config: Any) -> None:
@@ -459,6 +388,9 @@ def _check_config(config: Any) -> None:
         )
     if config.whitening.learn_on not in LEARN_ON:
         raise ValueError(f"whitening.learn_on={config.whitening.learn_on!r}; expected {LEARN_ON}")
+    apgem_mode = config.whitening.get("apgem", "common")
+    if apgem_mode not in APGEM_MODES:
+        raise ValueError(f"whitening.apgem={apgem_mode!r}; expected one of {APGEM_MODES}")
     if config.bn.mode not in BN_MODES:
         raise ValueError(f"bn.mode={config.bn.mode!r}; expected one of {BN_MODES}")
     for _, members in parse_models(config.models):
@@ -466,22 +398,57 @@ def _check_config(config: Any) -> None:
             _zoo_entry(config, m)
 
 
-def run(config: Any) -> dict[str, Any]:
-    """Runs the experiment of ``config`` (see ``configs/common.py``) and reports it.
+def _uses_shipped_pca(config: Any, members: Sequence[str]) -> bool:
+    """Whether a row is whitened with its shipped PCA: a single model with its own head."""
+    own_head = _zoo_entry(config, members[0]).get("pooling") == "model"
+    return len(members) == 1 and own_head and config.whitening.get("apgem", "common") == "shipped"
+
+
+def _choices(config: Any, rows: Sequence[tuple[str, tuple[str, ...]]], dims: Sequence) -> dict:
+    """The open choices of the procedure, as the report states them."""
+    bn = config.bn
+    images = "database images" if bn.images == "database" else "database then query images"
+    choices: dict[str, Any] = {
+        "bn": {
+            "mode": bn.mode,
+            "momentum": bn.momentum if bn.mode == "pytorch" else None,
+            "batch_size": bn.batch_size,
+            "images": images,
+            "order": "the dataset's list order (no shuffling; the last batch may be smaller)",
+        },
+        "whitening": (
+            f"PCA learned on the {config.whitening.learn_on} descriptors (float64), "
+            f"dims {[NO_PCA if d is None else d for d in dims]}"
+        ),
+    }
+    own_head = [r for r, m in rows if _zoo_entry(config, m[0]).get("pooling") == "model"]
+    if own_head:
+        choices["apgem"] = (
+            "the checkpoint's shipped PCA as dirtorch's test_dir.py applies it (power "
+            f"{SHIPPED_PCA_POWER}, L2)"
+            if config.whitening.get("apgem", "common") == "shipped"
+            else "the paper's common pipeline (L2, PCA-whitening learned like every other row, "
+            "L2); its shipped PCA unused"
+        )
+    return choices
+
+
+def run(config: Any) -> Results:
+    """Runs the experiment of ``config`` (see ``configs/common.py``); writes no report.
 
     Returns:
-      The results dict described in the module docstring (also written by
-      ``jretrieval.report`` under ``config.output.dir`` or ``<workdir>/results``).
+      A ``jretrieval.results.Results`` (``jretrieval.report.run`` writes it).
     """
     start = time.perf_counter()
-    distributed.initialize(bool(config.get("distributed", {}).get("multihost", False)))
-    mesh = distributed.make_mesh()  # every device of every process; passed down
+    mesh_lib.initialize(bool(config.get("distributed", {}).get("multihost", False)))
+    mesh = mesh_lib.make_mesh()  # every device of every process; passed down
     rows = parse_models(config.models)
     dims = parse_dims(config.whitening.dim)
     columns = ranking.check_columns(config.ranking.columns)
     params = ranking.params_from_config(config)
     _check_config(config)
     dataset = load_data(config)
+    preflight.check(config, dataset, rows=rows, dims=dims)  # before the hours of work
     shown = list(config.eval.metrics or metrics.PROTOCOLS[dataset.protocol])
     unknown = [m for m in shown if m not in metrics.PROTOCOLS[dataset.protocol]]
     if unknown:
@@ -490,43 +457,45 @@ def run(config: Any) -> dict[str, Any]:
             f"{metrics.PROTOCOLS[dataset.protocol]}"
         )
     keys = [
-        column_key(c, d, sweep=len(dims) > 1, columns=len(columns)) for d in dims for c in columns
+        evaluation.column_key(c, d, sweep=len(dims) > 1, columns=len(columns))
+        for d in dims
+        for c in columns
     ]
-    results: dict[str, Any] = {
-        "dataset": dataset.name,
-        "protocol": dataset.protocol,
-        "table": config.get("table", "table1"),
-        "models": {},
-        "labels": {},
-        "columns": keys,
-        "metrics": shown,
-        "dims": list(dims),
-        "column_dims": dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
-        "settings": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "notes": [str(config.output.note)] if config.output.get("note") else [],
-        "skipped": {},
-        "timings": {"models": {}, "rows": {}},
-        "stores": {},
-        "examples": {},
-        "sizes": {"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
-    }
+    results = Results(
+        dataset=dataset.name,
+        protocol=dataset.protocol,
+        table=config.get("table", "table1"),
+        models={},
+        columns=keys,
+        metrics=shown,
+        dims=list(dims),
+        column_dims=dict(zip(keys, [d for d in dims for _ in columns], strict=True)),
+        choices=_choices(config, rows, dims),
+        settings=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        notes=[str(config.output.note)] if config.output.get("note") else [],
+        timings={"models": {}, "rows": {}},
+        sizes={"database": len(dataset.db_paths), "queries": len(dataset.query_paths)},
+        provenance=results_lib.provenance(),
+    )
     cache: dict[str, Descriptors] = {}
     for row, members in rows:
         for m in members:
             if m in cache:
                 continue
             cache[m] = describe(config, m, dataset, mesh=mesh)
-            results["timings"]["models"][m] = cache[m].info["seconds"]
-            results["stores"][m] = cache[m].info["stores"]
+            results.timings["models"][m] = cache[m].info["seconds"]
+            results.stores[m] = cache[m].info["stores"]
+            results.encoders[m] = cache[m].info["encoder"]
             if cache[m].info["skipped"]:
-                results["skipped"][m] = cache[m].info["skipped"]
+                results.skipped[m] = cache[m].info["skipped"]
             spec = _zoo_entry(config, m)
             if not spec.get("file"):
-                results["notes"].append(
+                results.notes.append(
                     f"{m}: randomly initialised weights (seed {spec['seed']}), not trained"
                 )
         t0 = time.perf_counter()
-        table, examples = evaluate_row(
+        shipped = shipped_pca(config, members[0]) if _uses_shipped_pca(config, members) else None
+        out = evaluation.evaluate_row(
             [cache[m] for m in members],
             dataset,
             dims=dims,
@@ -535,20 +504,17 @@ def run(config: Any) -> dict[str, Any]:
             learn_on=config.whitening.learn_on,
             top=config.output.top10_queries,
             mesh=mesh,
+            shipped=shipped,
         )
-        results["models"][row] = table
-        results["examples"][row] = examples
-        results["labels"][row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
-        results["timings"]["rows"][row] = time.perf_counter() - t0
-        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in table.items()})
-    results["timings"]["total"] = time.perf_counter() - start
-    if distributed.is_main_process():  # every process computed the same; one writes
-        _write_report(config, dataset, results)
+        results.models[row] = out.figures
+        results.per_query[row] = out.per_query
+        results.queries[row] = out.queries
+        if out.example:
+            results.examples[row] = out.example
+        if out.chance is not None and results.chance is None:
+            results.chance = {"metric": out.chance[0], "value": out.chance[1]}
+        results.labels[row] = "+".join(_zoo_entry(config, m)["label"] for m in members)
+        results.timings["rows"][row] = {**out.seconds, "total": time.perf_counter() - t0}
+        logging.info("%s: %s", row, {k: round(v[shown[0]], 2) for k, v in out.figures.items()})
+    results.timings["total"] = time.perf_counter() - start
     return results
-
-
-def _write_report(config: Any, dataset: Dataset, results: dict[str, Any]) -> None:
-    from jretrieval import report
-
-    out = config.output.dir or os.path.join(config.workdir, "results")
-    report.write(results, out, dataset=dataset, config=config)

@@ -40,7 +40,19 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-__all__ = ["PROTOCOLS", "REVISITED_KAPPAS", "compute_map", "evaluate", "setups"]
+__all__ = [
+    "PROTOCOLS",
+    "REVISITED_KAPPAS",
+    "chance_level",
+    "chance_map",
+    "compute_map",
+    "evaluate",
+    "evaluate_queries",
+    "headline_metric",
+    "label_results",
+    "per_query_ap",
+    "setups",
+]
 
 #: mP@k cut-offs of the revisited protocol.
 REVISITED_KAPPAS = (1, 5, 10)
@@ -304,6 +316,43 @@ def setups(
     return out
 
 
+def evaluate_queries(
+    ranks: Any,
+    gnd: Sequence[Mapping[str, Any]],
+    protocol: str,
+    *,
+    num_database: int | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """``evaluate``'s figures and the per-query AP behind each mAP, from one pass.
+
+    Returns:
+      ``(figures, per_query)``: ``figures`` as ``evaluate``; ``per_query`` maps each mAP key of
+      the protocol (``"mAP"``, or ``"E/mAP"``, ``"M/mAP"``, ``"H/mAP"``) to float64 ``[Q]`` AP
+      in percent, ``nan`` for queries without positives (left out of the mean).
+    """
+    named = setups(gnd, protocol)
+    arr, n_db = _check_ranks(ranks, num_database)
+    checked = {}
+    for name, lst in named.items():
+        try:
+            checked[name] = _check_setup(lst, arr.shape[0], n_db)
+        except ValueError as e:
+            raise ValueError(f"{e} [protocol {protocol!r}, setup {name!r}]") from None
+    _check_range(arr, n_db)
+    kap = _check_kappas(REVISITED_KAPPAS if protocol == "revisited" else ())
+    scores = _scores(arr, n_db, list(checked.values()), kap)
+    out: dict[str, float] = {}
+    per_query: dict[str, np.ndarray] = {}
+    for name, (aps, prs) in zip(checked, scores, strict=True):
+        m, mpr = _means(aps, prs)
+        prefix = "" if name == "all" else f"{name}/"
+        out[f"{prefix}mAP"] = 100.0 * m
+        per_query[f"{prefix}mAP"] = 100.0 * aps
+        for k, p in zip(kap.tolist(), mpr.tolist(), strict=True):
+            out[f"{prefix}mP@{k}"] = 100.0 * p
+    return {key: out[key] for key in PROTOCOLS[protocol]}, per_query
+
+
 def evaluate(
     ranks: Any,
     gnd: Sequence[Mapping[str, Any]],
@@ -323,22 +372,99 @@ def evaluate(
     Returns:
       Flat dict of floats in percent (mAP x 100 etc.), in ``PROTOCOLS[protocol]`` order.
     """
+    return evaluate_queries(ranks, gnd, protocol, num_database=num_database)[0]
+
+
+def per_query_ap(
+    ranks: Any,
+    gnd: Sequence[Mapping[str, Any]],
+    protocol: str,
+    *,
+    num_database: int | None = None,
+) -> dict[str, np.ndarray]:
+    """AP of every query, in percent, per mAP key of the protocol (see ``evaluate_queries``)."""
+    return evaluate_queries(ranks, gnd, protocol, num_database=num_database)[1]
+
+
+def headline_metric(protocol: str | None) -> str:
+    """The metric of Tables 1 and 3: ``"mAP"``, or ``"M/mAP"`` (Medium) for the revisited one."""
+    return "M/mAP" if protocol == "revisited" else "mAP"
+
+
+def label_results(ranks: Any, gnd: Sequence[Mapping[str, Any]], protocol: str) -> list[list[str]]:
+    """``"positive"``, ``"junk"`` or ``"negative"`` for each ranked index, as the headline
+    metric sees it (classic / INSTRE: ``ok`` / ``junk``; revisited: the Medium setup).
+
+    Args:
+      ranks: ``[Q, k]`` database indices, best first.
+      gnd: ``Q`` ground-truth dicts (see ``setups``).
+      protocol: a key of ``PROTOCOLS``.
+    """
     named = setups(gnd, protocol)
-    arr, n_db = _check_ranks(ranks, num_database)
-    checked = {}
-    for name, lst in named.items():
-        try:
-            checked[name] = _check_setup(lst, arr.shape[0], n_db)
-        except ValueError as e:
-            raise ValueError(f"{e} [protocol {protocol!r}, setup {name!r}]") from None
-    _check_range(arr, n_db)
-    kap = _check_kappas(REVISITED_KAPPAS if protocol == "revisited" else ())
-    scores = _scores(arr, n_db, list(checked.values()), kap)
-    out: dict[str, float] = {}
-    for name, (aps, prs) in zip(checked, scores, strict=True):
-        m, mpr = _means(aps, prs)
-        prefix = "" if name == "all" else f"{name}/"
-        out[f"{prefix}mAP"] = 100.0 * m
-        for k, p in zip(kap.tolist(), mpr.tolist(), strict=True):
-            out[f"{prefix}mP@{k}"] = 100.0 * p
-    return {key: out[key] for key in PROTOCOLS[protocol]}
+    setup = named.get("M", named.get("all"))
+    rows = np.asarray(ranks)
+    if rows.ndim != 2 or len(setup) != rows.shape[0]:
+        raise ValueError(f"ranks shape {rows.shape} does not match {len(setup)} queries of gnd")
+    out = []
+    for row, entry in zip(rows.tolist(), setup, strict=True):
+        ok, junk = set(entry["ok"].tolist()), set(entry["junk"].tolist())
+        out.append(["positive" if j in ok else "junk" if j in junk else "negative" for j in row])
+    return out
+
+
+# ----------------------------------------------------------------------------- chance level
+
+
+def chance_map(gnd: Sequence[Mapping[str, Any]], num_database: int) -> float:
+    """Expected mAP (percent) of a uniformly random ranking, under the revisitop AP.
+
+    For a query with ``n`` positives among the ``M`` database images left after removing its
+    junk, the positive at rank ``r`` has on average ``(r - 1)(n - 1)/(M - 1)`` positives above
+    it, so the usual (non-interpolated) AP has expectation
+    ``E0 = (H_M + (n - 1)/(M - 1) * (M - H_M)) / M`` (``H_M`` the harmonic number), and
+    revisitop's trapezoidal AP, the mean of the precisions just before and at each positive,
+    ``(E0 + n / M) / 2``. Queries without positives are skipped, as in ``compute_map``.
+
+    Args:
+      gnd: ``Q`` dicts with ``ok`` (and optional ``junk``) index arrays (classic protocol).
+      num_database: ``N``, the number of database images.
+
+    Returns:
+      The mean over queries, in percent.
+    """
+    if num_database < 1:
+        raise ValueError(f"num_database must be positive; got {num_database}")
+    values = []
+    for i, entry in enumerate(gnd):
+        if "ok" not in entry:
+            raise ValueError(f"gnd[{i}] has no 'ok' (keys {sorted(entry)}); expected classic gnd")
+        ok = np.unique(np.asarray(entry["ok"], dtype=np.int64).reshape(-1))
+        junk = np.unique(np.asarray(entry.get("junk", []), dtype=np.int64).reshape(-1))
+        junk = np.setdiff1d(junk, ok)
+        if ((ok < 0) | (ok >= num_database)).any() or ((junk < 0) | (junk >= num_database)).any():
+            raise ValueError(f"gnd[{i}] holds indices outside 0..{num_database - 1}")
+        n, m = ok.size, num_database - junk.size
+        if n == 0:
+            continue
+        if m == 1:
+            values.append(1.0)
+            continue
+        harmonic = float(np.sum(1.0 / np.arange(1, m + 1)))
+        e0 = (harmonic + (n - 1) / (m - 1) * (m - harmonic)) / m
+        values.append((e0 + n / m) / 2)
+    if not values:
+        raise ValueError("no query has positives; chance mAP is undefined")
+    return 100.0 * float(np.mean(values))
+
+
+def chance_level(
+    gnd: Sequence[Mapping[str, Any]], protocol: str, num_database: int
+) -> tuple[str, float]:
+    """``(headline metric, its expected value for a random ranking)`` in percent.
+
+    ``gnd`` should hold only the queries that are evaluated (not those skipped as unreadable),
+    so that the level is the one of the same mean. The revisited protocol's headline is the
+    Medium setup (positives easy + hard, junk junk), as in ``setups``.
+    """
+    named = setups(gnd, protocol)
+    return headline_metric(protocol), chance_map(named.get("M", named.get("all")), num_database)

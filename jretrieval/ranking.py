@@ -50,7 +50,9 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import checks, diffusion, expansion, paper, search
+from jretrieval import mesh as mesh_lib
+from jretrieval.mesh import Sharded, shard_rows
 
 __all__ = [
     "COLUMNS",
@@ -58,6 +60,7 @@ __all__ = [
     "ColumnSpec",
     "RankingParams",
     "check_columns",
+    "column_spec",
     "params_from_config",
     "rank_column",
     "rank_columns",
@@ -72,18 +75,15 @@ class ColumnSpec(NamedTuple):
     dfs: bool
 
 
-#: Table 1's columns, in the paper's order.
-SPECS: dict[str, ColumnSpec] = {
-    "G": ColumnSpec(dba=False, aqe=False, dfs=False),
-    "G+AQE": ColumnSpec(dba=False, aqe=True, dfs=False),
-    "G+DFS": ColumnSpec(dba=False, aqe=False, dfs=True),
-    "G+DBA": ColumnSpec(dba=True, aqe=False, dfs=False),
-    "G+AQE+DFS": ColumnSpec(dba=False, aqe=True, dfs=True),
-    "G+DBA+AQE": ColumnSpec(dba=True, aqe=True, dfs=False),
-    "G+DBA+DFS": ColumnSpec(dba=True, aqe=False, dfs=True),
-    "G+DBA+AQE+DFS": ColumnSpec(dba=True, aqe=True, dfs=True),
-}
-COLUMN_NAMES: tuple[str, ...] = tuple(SPECS)
+def column_spec(name: str) -> ColumnSpec:
+    """The stages a column composes, read from its name: the "+"-separated parts after "G"."""
+    stages = name.split("+")
+    return ColumnSpec(dba="DBA" in stages, aqe="AQE" in stages, dfs="DFS" in stages)
+
+
+#: Table 1's columns (``jretrieval.paper.COLUMNS``), in the paper's order, and their stages.
+SPECS: dict[str, ColumnSpec] = {name: column_spec(name) for name in paper.COLUMNS}
+COLUMN_NAMES: tuple[str, ...] = paper.COLUMNS
 
 DIFFUSION_KEYS = ("truncation", "kd", "kq", "gamma", "alpha", "mode", "solver")
 
@@ -97,7 +97,9 @@ class RankingParams(NamedTuple):
       combined_aqe_k: AQE neighbours when combined with DBA (1, after Gordo et al. 2017).
       combined_dba_k: DBA neighbours when combined with AQE (20).
       aqe_alpha, dba_alpha: weighting exponents (0: plain averages; see ``jretrieval.expansion``).
-      block_size: database rows scored at once by the expansions' kNN searches.
+      block_size: database rows scored at once by the searches and the expansions' kNN
+        (memory ``Q x block_size`` for search and AQE, at most ``512 x block_size`` for DBA's
+        chunks of 512 database rows); ``None``: ``jretrieval.search``'s default.
       diffusion: keyword arguments of ``jretrieval.diffusion.rank``.
     """
 
@@ -107,7 +109,7 @@ class RankingParams(NamedTuple):
     combined_dba_k: int = 20
     aqe_alpha: float = 0.0
     dba_alpha: float = 0.0
-    block_size: int = 16384
+    block_size: int | None = 16384
     diffusion: Mapping[str, Any] = {
         "truncation": 1000,
         "kd": 50,
@@ -155,7 +157,10 @@ def params_from_config(cfg: Any) -> RankingParams:
     params = RankingParams(**kwargs, diffusion={**defaults.diffusion, **diff})
     for name in ("aqe_k", "dba_k", "combined_aqe_k", "combined_dba_k", "block_size"):
         value = getattr(params, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if name == "block_size" and value is None:
+            continue
+        low = 1 if name == "block_size" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"ranking.{name}={value!r}; expected a non-negative integer")
     # Checked here, before any extraction, rather than when the first diffusion column runs.
     for name, choices in (("mode", diffusion.MODES), ("solver", diffusion.SOLVERS)):
@@ -212,9 +217,9 @@ def rank_columns(
       database: ``[N, D]`` L2-normalised (whitened) database descriptors.
       cfg: config with ``ranking`` and ``diffusion`` sections, or ``RankingParams``.
       columns: names from ``COLUMN_NAMES`` (default: all, in the paper's order).
-      mesh: a device mesh with several devices: the database is sharded along N over it and
-        every stage runs in ``jretrieval.sharded`` (same ranks); ``None`` or one device: the
-        single-device functions.
+      mesh: a device mesh with several devices: the database is placed once, sharded along N,
+        and every stage runs on it (``search``/``expansion`` with ``mesh=``; same ranks);
+        ``None`` or one device: one device.
 
     Returns:
       ``{column: int32 [Q, N] ranks}`` in the order of ``columns``.
@@ -222,9 +227,11 @@ def rank_columns(
     names = COLUMN_NAMES if columns is None else check_columns(columns)
     params = params_from_config(cfg)
     q_n, n_db = int(np.shape(queries)[0]), int(np.shape(database)[0])
-    ops = _sharded_ops(mesh) if mesh is not None and mesh.devices.size > 1 else _OPS
-    if ops is not _OPS:
-        database = ops.place(database)
+    mesh = mesh if mesh_lib.mesh_size(mesh) > 1 else None
+    checks.check_descriptors(database, "database")
+    # Placed once (sharded along N on a mesh), as faiss's add; every stage reuses it.
+    database = search.place(database, mesh)[0] if mesh is None else shard_rows(database, mesh)
+    block = params.block_size
     memo: dict[tuple, Any] = {}
 
     def cached(key: tuple, fn: Callable[[], Any]) -> Any:
@@ -236,7 +243,7 @@ def rank_columns(
         """The DBA'd database (``k`` neighbours) and its memo key."""
         key = ("dba", k, params.dba_alpha)
         fn = functools.partial(
-            ops.dba, database, k=k, alpha=params.dba_alpha, block_size=params.block_size
+            expansion.dba, database, k=k, alpha=params.dba_alpha, mesh=mesh, block_size=block
         )
         return key, cached(key, fn)
 
@@ -252,54 +259,28 @@ def rank_columns(
             k = params.combined_aqe_k if both else params.aqe_k
             q_key = ("aqe", db_key, k, params.aqe_alpha)
             fn = functools.partial(
-                ops.aqe,
-                queries,
-                db,
-                k=k,
-                alpha=params.aqe_alpha,
-                block_size=params.block_size,
-            )
+                expansion.aqe, queries, db, k=k, alpha=params.aqe_alpha, mesh=mesh,
+                block_size=block,
+            )  # fmt: skip
             q = cached(q_key, fn)
         if spec.dfs:
             kwargs = _clip_diffusion(params.diffusion, n_db, q_n)
             ranks = cached(
-                ("dfs", q_key, db_key), lambda q=q, db=db, kw=kwargs: ops.diffusion(q, db, **kw)
+                ("dfs", q_key, db_key), lambda q=q, db=db, kw=kwargs: _diffusion(q, db, mesh, kw)
             )
         else:
-            ranks = cached(("rank", q_key, db_key), lambda q=q, db=db: ops.rank(q, db))
+            ranks = cached(
+                ("rank", q_key, db_key),
+                lambda q=q, db=db: search.rank(q, db, mesh=mesh, block_size=block),
+            )
         out[name] = ranks
     return out
 
 
-class _Ops(NamedTuple):
-    """The stage functions ``rank_columns`` composes (single-device or sharded)."""
-
-    place: Callable[[ArrayLike], Any]
-    dba: Callable[..., Any]
-    aqe: Callable[..., jax.Array]
-    rank: Callable[[Any, Any], jax.Array]
-    diffusion: Callable[..., jax.Array]
-
-
-_OPS = _Ops(lambda x: x, expansion.dba, expansion.aqe, search.rank, diffusion.rank)
-
-
-def _sharded_ops(mesh: Any) -> _Ops:
-    """``jretrieval.sharded``'s versions of the stages over ``mesh`` (database sharded along N)."""
-    from jretrieval import sharded
-
-    def host(db: Any) -> Any:  # diffusion builds its graph from host descriptors
-        return db.to_numpy() if isinstance(db, sharded.Sharded) else db
-
-    return _Ops(
-        place=lambda x: sharded.shard_rows(x, mesh),
-        dba=lambda db, k, alpha, block_size: sharded.dba(db, k, alpha, mesh=mesh),
-        aqe=lambda q, db, k, alpha, block_size: sharded.aqe(
-            q, db, k, alpha, mesh=mesh, block_size=block_size
-        ),
-        rank=lambda q, db: sharded.rank(q, db, mesh=mesh),
-        diffusion=lambda q, db, **kw: sharded.diffusion_rank(q, host(db), mesh=mesh, **kw),
-    )
+def _diffusion(queries: Any, database: Any, mesh: Any, kwargs: dict[str, Any]) -> jax.Array:
+    """``diffusion.rank`` on one device or the mesh (it builds its graph from host rows)."""
+    host = database.to_numpy() if isinstance(database, Sharded) else database
+    return diffusion.rank(queries, host, mesh=mesh, **kwargs)
 
 
 def rank_column(name: str, queries: ArrayLike, database: ArrayLike, cfg: Any) -> jax.Array:

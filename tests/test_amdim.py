@@ -122,7 +122,8 @@ def test_flax_tree_matches_layout_and_real_sizes():
             shape = (shape[2], shape[3], shape[1], shape[0])
         expected[(entry.collection, *entry.path)] = shape
     assert flat == expected
-    # CHECKPOINTS.md's count: every float of the encoder, running statistics included.
+    # The published checkpoint's count (amdim_ndf256_rkhs2048_rd10.pth of
+    # Philip-Bachman/amdim-public): every float of the encoder, running statistics included.
     assert sum(np.prod(s) for s in flat.values()) == 401_235_200
     fmap, stages = jax.eval_shape(module.apply, shapes, jnp.zeros((1, 724, 724, 3)))
     assert fmap.shape == (1, 40, 40, 2048)  # the paper's 40x40 map: layer 7, 8 * ndf channels

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from jretrieval import models
-from jretrieval.extract import make_step
 from jretrieval.pooling import rmac_regions
+from jretrieval.steps import Pooling, make_step
 from references import torch_resnet as tr
 from weight_conversion import resnet as resnet_conversion
 
@@ -103,8 +103,9 @@ def test_feature_map_bfloat16_close_to_float32(setup):
 def test_rmac_bfloat16_cosine_to_float32(setup):
     encoder, imgs, _, ref = setup
     want = rmac_reference(ref)
-    d32 = make_step(encoder, pooling="rmac", pooling_kwargs={"levels": 3})(imgs)
-    d16 = make_step(bf16(encoder), pooling="rmac", pooling_kwargs={"levels": 3})(imgs)
+    rmac = Pooling.of("rmac", {"levels": 3})
+    d32 = make_step(encoder, rmac)(imgs)
+    d16 = make_step(bf16(encoder), rmac)(imgs)
     assert d32.dtype == d16.dtype == jnp.float32 and d16.shape == (2, 2048)
     assert cosine(np.asarray(d32, np.float64), want).min() > 1 - 1e-6
     cos16 = cosine(np.asarray(d16, np.float64), want)

@@ -1,22 +1,29 @@
-"""bin/download_datasets.sh and bin/paper_tables.sh without the network.
+"""The download scripts and bin/paper_tables.sh, without the network.
 
 The download script runs against a fake ``curl`` put first on ``PATH`` (it logs its arguments
 and writes small files and tar.gz archives shaped like the real ones), so the whole flow runs:
 arguments, what is fetched from where, resuming ``.part`` files, extraction and flattening,
-idempotence. ``paper_tables.sh`` runs against a fake ``PYTHON`` that logs its arguments.
+idempotence. ``paper_tables.sh`` runs against a fake ``PYTHON`` that logs its arguments. The
+checkpoint script's ``gdown`` command line goes through the installed ``gdown``'s own parser
+(its download function replaced by one that writes a small zip).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import stat
 import subprocess
+import sys
 import tarfile
+import zipfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOWNLOAD = os.path.join(REPO, "bin", "download_datasets.sh")
+CHECKPOINTS = os.path.join(REPO, "bin", "download_checkpoints.sh")
 TABLES = os.path.join(REPO, "bin", "paper_tables.sh")
 
 VGG = "https://www.robots.ox.ac.uk/~vgg/data"
@@ -33,7 +40,7 @@ URLS = {
     "roxford5k": ["http://cmp.felk.cvut.cz/revisitop/data/datasets/roxford5k/gnd_roxford5k.pkl"],
     "rparis6k": ["http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl"],
     "instre": [
-        "ftp://ftp.irisa.fr/local/texmex/corpus/instre/gnd_instre.mat",
+        "ftp://ftp.irisa.fr/local/texmex/corpus/diffusion/gnd/gnd_instre.mat",
         "ftp://ftp.irisa.fr/local/texmex/corpus/instre/instre.tar.gz",
     ],
 }
@@ -69,6 +76,25 @@ if os.environ.get("FAKE_FAIL", "\0") in config:
 out = next(a for a in sys.argv if a.startswith("--config.output.dir=")).split("=", 1)[1]
 os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "results.json"), "w").write("{}")
+"""
+
+
+#: ``gdown`` as installed, parsing its real command line; only the network call is replaced.
+FAKE_GDOWN = f"""#!{sys.executable}
+import importlib, json, os, sys, zipfile
+try:
+    cli = importlib.import_module("gdown.cli")  # gdown < 5
+except ImportError:
+    cli = importlib.import_module("gdown.__main__")
+def download(url=None, output=None, id=None, **kwargs):
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(json.dumps({{"url": url, "id": id, "output": output}}) + "\\n")
+    with zipfile.ZipFile(output, "w") as z:
+        z.writestr("Resnet-101-AP-GeM/Resnet-101-AP-GeM.pt", b"weights")
+    return output
+cli.download = download
+sys.argv[0] = "gdown"
+cli.main()
 """
 
 
@@ -243,7 +269,7 @@ def test_paper_tables_arguments_and_dry_run(tmp_path):
         "--checkpoint-dir",
         "/ck",
         "--",
-        "--config.bn.mode=pytorch",
+        "--config.bn.mode=exact",
         cwd=tmp_path,
     )
     [rox, rpar] = done.stdout.splitlines()
@@ -251,7 +277,7 @@ def test_paper_tables_arguments_and_dry_run(tmp_path):
         "--config.models=baseline",
         f"--config.data.root={tmp_path}/d",  # relative to where the script was called
         "--config.checkpoint_dir=/ck",
-        "--config.bn.mode=pytorch",
+        "--config.bn.mode=exact",
     ]
     assert "configs/rparis.py" in rpar
 
@@ -272,3 +298,129 @@ def test_paper_tables_runs_skips_and_reports_failures(tmp_path, fake):
     assert len(calls(log)) == 8
     forced = run(TABLES, "--tables", "3", "--out", out, "--force", env=env)
     assert forced.returncode == 0 and "ran 3, skipped 0" in forced.stdout
+
+
+def test_download_instre_ground_truth_falls_back(tmp_path, fake):
+    """The authors' path first (Iscen et al.'s diffusion code), the dataset's folder second."""
+    env, log, _ = fake
+    data = tmp_path / "data"
+    dry = run(DOWNLOAD, "--dry-run", "--dir", data, "instre").stdout
+    assert f"fetch {URLS['instre'][0]} -> {data}/instre/gnd_instre.mat" in dry
+    env = dict(env, FAKE_FAIL="diffusion")
+    done = run(DOWNLOAD, "--dir", data, "instre", env=env)
+    assert done.returncode == 0, done.stderr
+    fallback = "ftp://ftp.irisa.fr/local/texmex/corpus/instre/gnd_instre.mat"
+    assert [line.split()[-1] for line in calls(log)] == [
+        URLS["instre"][0],
+        fallback,
+        URLS["instre"][1],
+    ]
+    assert (data / "instre" / "gnd_instre.mat").read_bytes() == b"content of " + fallback.encode()
+    assert f"failed: {URLS['instre'][0]} (trying the next source)" in done.stderr
+    # both sources failing stops the script with nothing in place
+    env["FAKE_FAIL"] = "gnd_instre"
+    failed = run(DOWNLOAD, "--dir", tmp_path / "other", "instre", env=env)
+    assert (
+        failed.returncode != 0 and not (tmp_path / "other" / "instre" / "gnd_instre.mat").exists()
+    )
+
+
+def test_download_help_states_the_sources():
+    text = run(DOWNLOAD, "-h").stdout
+    assert "face-blurred" in text and "2022" in text
+    text = run(CHECKPOINTS, "-h").stdout
+    assert "resnet101-63fe2227.pth" in text and "torchvision 0.13" in text
+    for path in (
+        DOWNLOAD,
+        CHECKPOINTS,
+        TABLES,
+        os.path.join(REPO, "bin", "convert_checkpoints.sh"),
+    ):
+        with open(path) as f:
+            script = f.read()
+        for outside in ("shared/", "shared CHECKPOINTS", "CHECKPOINTS.md", "paper.md", "DESIGN.md"):
+            assert outside not in script, (path, outside)  # nothing outside the repository
+
+
+def test_checkpoint_gdown_command_line_is_accepted_by_installed_gdown(tmp_path, fake):
+    pytest.importorskip("gdown")
+    env, log, bin_dir = fake
+    _executable(bin_dir / "gdown", FAKE_GDOWN)
+    drive_id = "1UWJGDuHtzaQdFhSMojoYVQjmCXhIwVvy"
+    dest = tmp_path / "ck"
+    done = run(CHECKPOINTS, "--dir", dest, "--only", "apgem", env=env)
+    assert done.returncode == 0, done.stderr
+    [call] = [json.loads(line) for line in calls(log)]
+    assert call == {
+        "url": f"https://drive.google.com/uc?id={drive_id}",
+        "id": None,
+        "output": f"{dest}/apgem/Resnet-101-AP-GeM.zip.part",
+    }
+    assert zipfile.is_zipfile(dest / "apgem" / "Resnet-101-AP-GeM.zip")
+    assert (dest / "Resnet-101-AP-GeM.pt").read_bytes() == b"weights"
+    # the form the script used before is refused by the same parser (so this test can fail)
+    old = subprocess.run(
+        [str(bin_dir / "gdown"), "--id", drive_id, "-O", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert old.returncode == 2 and "--id" in old.stderr
+
+
+TPU_RUN = os.path.join(REPO, "bin", "tpu_run.sh")
+
+FAKE_GCLOUD = r"""#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+"""
+
+FAKE_WORKER_PYTHON = r"""#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["WORKER_LOG"], "a") as f:
+    f.write(json.dumps([os.path.basename(os.getcwd()), *sys.argv[1:]]) + "\n")
+"""
+
+
+def test_tpu_run_launches_one_config_on_every_worker(tmp_path, fake):
+    env, log, bin_dir = fake
+    _executable(bin_dir / "gcloud-fake", FAKE_GCLOUD)
+    _executable(bin_dir / "py-worker", FAKE_WORKER_PYTHON)
+    env = dict(env, GCLOUD=str(bin_dir / "gcloud-fake"), WORKER_LOG=str(tmp_path / "worker.log"))
+    note = '--config.output.note=it\'s a "test" $HOME'  # survives both shells unchanged
+    args = ["--tpu", "pod", "--zone", "us-central2-b", "--project", "p1", "--python", "py-worker"]
+    done = run(
+        TPU_RUN, *args, "--install", "configs/oxford.py", "--config.models=baseline", note, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    install, launch = [json.loads(line) for line in calls(log)]
+    head = ["compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b", "--project=p1"]
+    assert launch[:-2] == head and launch[-2] == "--worker=all"
+    assert install[:-1] == launch[:-1]
+    assert install[-1] == "--command=cd jretrieval && py-worker -m pip install -e '.[tpu]'"
+    # what every worker's shell runs, here with a fake interpreter in a folder named jretrieval
+    (tmp_path / "jretrieval").mkdir()
+    remote = launch[-1].removeprefix("--command=")
+    subprocess.run(["bash", "-c", remote], cwd=tmp_path, env=env, check=True)
+    [worker] = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
+    assert worker == [
+        "jretrieval",
+        "-m",
+        "jretrieval.main",
+        "--config=configs/oxford.py",
+        "--config.distributed.multihost=True",
+        "--config.models=baseline",
+        note,
+    ]
+    # the dry run prints the same command line, runs nothing
+    dry = run(
+        TPU_RUN, *args, "--dry-run", "configs/oxford.py", "--config.models=baseline", note, env=env
+    )
+    assert dry.returncode == 0 and len(calls(log)) == 2
+    assert shlex.split(dry.stdout) == [env["GCLOUD"], *launch]
+    # mistakes: exit 2 with a line
+    assert run(TPU_RUN, "--zone", "z", "configs/oxford.py").returncode == 2
+    assert run(TPU_RUN, "--tpu", "t", "--zone", "z").returncode == 2
+    assert run(TPU_RUN, "--tpu", "t", "--zone", "z", "--bogus", "c.py").returncode == 2
+    assert "Usage: bin/tpu_run.sh" in run(TPU_RUN, "-h").stdout

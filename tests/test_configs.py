@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from jretrieval import experiment, metrics, ranking
+from jretrieval import experiment, metrics, models, ranking
 from jretrieval.datasets import DATASETS
 from jretrieval.datasets import images as images_lib
 
@@ -67,7 +67,8 @@ def test_config_is_sane(path):
         for m in members:
             assert m in config.model_zoo, m
             spec = config.model_zoo[m]
-            assert bool(spec.file) != bool(spec.architecture), m
+            # the architecture a file must hold (checked on load), or the one initialised at random
+            assert spec.architecture and spec.architecture.name in models.ARCHITECTURES, m
             assert spec.label
     # Data and the stages.
     assert config.data.name in DATASETS or config.data.name == "demo"
@@ -101,6 +102,18 @@ def test_table1_configs_hold_the_paper_settings(path):
     assert config.diffusion.to_dict() == PAPER_DIFFUSION
     assert config.model_zoo.amdim.map_size == (23, 23)
     assert config.model_zoo.apgem.pooling == "model"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p != "configs/demo.py"])
+def test_paper_configs_recalibrate_bn_as_the_paper(path):
+    """The paper's procedure: model.train() forward passes, running averages, momentum 0.1."""
+    for arg in (None, "paris6k") if path.endswith(("table3.py", "ensembles.py")) else (None,):
+        config = _load(path, arg)
+        assert (config.bn.mode, config.bn.momentum) == ("pytorch", 0.1)
+
+
+def test_demo_keeps_exact_bn_statistics():
+    assert _load("configs/demo.py").bn.mode == "exact"
 
 
 @pytest.mark.parametrize("path", ["configs/roxford.py", "configs/rparis.py"])
@@ -199,7 +212,7 @@ def test_main_rejects_misspelt_override():
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "mdoe" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -5,7 +5,7 @@ Shape convention: torch inputs NCHW, Flax inputs NHWC; maps compared in NHWC.
 
 References are the random PyTorch modules of ``references.torch_resnet`` run in float64, so the
 measured error is the Flax float32 error alone. Tolerance: max |flax - torch| / max |torch| below
-1e-4 (STYLE.md: ~1e-4 for a whole network). Inference mode is checked on 33 px (odd: every
+1e-4 (the project's tolerance for a whole network). Inference mode is checked on 33 px (odd: every
 stride-2 op sees an odd size) and 32 px (even: every stride-2 op sees an even size, where 'SAME'
 padding would differ) inputs. Training mode (batch statistics) is checked on 8 x 65 px: with
 fewer values per BN channel a random float32 ResNet-50 in train mode is itself ill-conditioned
@@ -174,7 +174,7 @@ def test_resnet101_torchvision(tmp_path):
 
 
 def test_apgem(tmp_path):
-    """dirtorch layout with a pickled sklearn PCA; ResNet-50 trunk for speed (CHECKPOINTS §8)."""
+    """dirtorch layout (naver/deep-image-retrieval) with a pickled sklearn PCA; ResNet-50 trunk."""
     model = tr.torch_apgem(50, p=3.3, seed=6)
     pca = tr.pca_arrays(2048, 64, seed=6)
     src, out = str(tmp_path / "Resnet-50-AP-GeM.pt"), str(tmp_path / "apgem.h5")
@@ -407,3 +407,62 @@ def test_convert_script(r50, tmp_path):
     assert models.load(out / "baseline.h5").metadata["format"] == "torchvision"
     run = _sh(*args)
     assert run.returncode == 0 and f"up to date: {out}/baseline.h5" in run.stdout
+
+
+# ---------------------------------------------------------------------------- issue 9 item 9
+
+
+@pytest.fixture(scope="module")
+def r50_state():
+    """A random torchvision ResNet-50 state dict (no reference maps needed here)."""
+    return tr.torch_resnet(50, seed=3).state_dict()
+
+
+def test_refuses_out_equal_to_src(r50_state, tmp_path, capsys):
+    """Today: exit 0, and the checkpoint is replaced by the HDF5 file."""
+    src = tmp_path / "resnet50.pth"
+    torch.save(r50_state, src)
+    before = src.read_bytes()
+    link = tmp_path / "link.pth"
+    link.symlink_to(src)
+    for out in (src, tmp_path / "." / "resnet50.pth", link):
+        assert main(["--src", str(src), "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "is the checkpoint --src" in err and "overwrite" in err
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["link.pth", "resnet50.pth"]
+
+
+def test_refuses_out_that_is_a_directory(r50_state, tmp_path, capsys):
+    """Today: a traceback (IsADirectoryError from os.replace)."""
+    src = tmp_path / "resnet50.pth"
+    torch.save(r50_state, src)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    assert main(["--src", str(src), "--out", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {str(folder)!r} is a directory" in err and "model.h5" in err
+    assert os.listdir(folder) == []
+
+
+def test_refuses_nonfinite_weights_unless_allowed(r50_state, tmp_path, capsys):
+    """Today: exit 0; the run later ranks with NaN descriptors and blames nothing."""
+    state = {k: v.clone() for k, v in r50_state.items()}
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    state["layer2.1.bn2.running_var"][:3] = float("inf")
+    src = tmp_path / "diverged.pth"
+    torch.save(state, src)
+    err = refused(tmp_path, capsys, str(src))
+    assert "diverged.pth: 2 variables hold NaN or infinite values" in err
+    assert "params/layer1_0/conv1/kernel (1 of 4096 values)" in err
+    assert "batch_stats/layer2_1/bn2/var (3 of 128 values)" in err
+    assert "--allow-nonfinite" in err
+    out = tmp_path / "allowed.h5"
+    old = os.umask(0o022)
+    try:
+        assert main(["--src", str(src), "--out", str(out), "--allow-nonfinite"]) == 0
+    finally:
+        os.umask(old)
+    kernel = np.asarray(models.load(out).variables["params"]["layer1_0"]["conv1"]["kernel"])
+    assert np.isnan(kernel).sum() == 1
+    assert os.stat(out).st_mode & 0o777 == 0o644  # the user's umask, not mkstemp's 0600

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jretrieval.datasets import MAX_LISTED, load_dataset
+from jretrieval.datasets import MAX_LISTED, images, load_dataset, require_ground_truth
 
 IMLIST = ["all_souls_000001", "all_souls_000002", "ashmolean_000000", "balliol_000003"]
 QIMLIST = ["all_souls_000013", "ashmolean_000007"]
@@ -24,7 +24,7 @@ def _jpg(path):
     Image.new("RGB", (8, 6), (10, 20, 30)).save(path)
 
 
-def _revisited(root, name="roxford5k", images=True, skip=()):
+def _revisited(root, name="roxford5k", images=True, skip=(), box=(0, 0, 4, 4)):
     base = root / name
     gnd = [
         {
@@ -33,7 +33,7 @@ def _revisited(root, name="roxford5k", images=True, skip=()):
             "hard": [1],
             "junk": np.array([], np.int64),
         },
-        {"bbx": (0, 0, 4, 4), "easy": [2, 3], "hard": [], "junk": [0]},
+        {"bbx": box, "easy": [2, 3], "hard": [], "junk": [0]},
     ]
     base.mkdir(parents=True, exist_ok=True)
     with open(base / f"gnd_{name}.pkl", "wb") as f:
@@ -183,3 +183,33 @@ def test_demo_dataset_loads_in_the_classic_layout(tmp_path):
     assert ds.protocol == "classic" and len(ds.query_paths) == 2 and len(ds.query_bbx) == 2
     assert all(p.startswith(str(tmp_path / "demo" / "jpg")) for p in ds.db_paths)
     assert all(len(g["ok"]) == 2 for g in ds.gnd)
+
+
+def test_query_box_outside_its_image_names_the_query(tmp_path):
+    """issue 9 item 4: a box outside the image made the query a black image, silently."""
+    _revisited(tmp_path, box=(100, 100, 200, 200))  # the query images are 8x6
+    with pytest.raises(images.InvalidBoxError) as info:
+        load_dataset("roxford5k", tmp_path)
+    message = str(info.value)
+    for part in (
+        "'roxford5k'",
+        "query 1",
+        "ashmolean_000007.jpg",
+        "(100.0, 100.0, 200.0, 200.0)",
+        "8x6",
+        "gnd[1]",
+    ):
+        assert part in message
+    assert load_dataset("roxford5k", tmp_path, crop_queries=False).query_bbx is None
+    # a box partly outside is clipped, not refused
+    _revisited(tmp_path, box=(-5, -5, 1e9, 1e9))
+    assert load_dataset("roxford5k", tmp_path).query_bbx[1] == (-5.0, -5.0, 1e9, 1e9)
+
+
+def test_database_only_dataset_named_when_evaluated(tmp_path):
+    _jpg(str(tmp_path / "a.jpg"))
+    ds = load_dataset("folder", tmp_path)
+    with pytest.raises(ValueError, match=r"dataset 'folder' \(root .*\) is database-only"):
+        require_ground_truth(ds)
+    _revisited(tmp_path)
+    require_ground_truth(load_dataset("roxford5k", tmp_path))  # no error

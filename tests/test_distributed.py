@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import diffusion, expansion, recalibration, search
 from jretrieval import extract as ex
 from tests import device_worker as worker
 
@@ -99,24 +99,40 @@ def test_topk_and_rank_equal_one_device(run):
     s64 = np.take_along_axis(q.astype(np.float64) @ db.astype(np.float64).T, full, axis=1)
     assert (np.diff(s64, axis=1) <= 1e-6).all()
     np.testing.assert_array_equal(out["rank_k"], full[:, :25])
+    # the Index places the sharded database once and answers the same
+    np.testing.assert_array_equal(out["index_topk_i"], ref_i)
+    np.testing.assert_array_equal(out["index_rank"], full)
 
 
-def test_knn_ring_equals_one_device_including_ties(run):
+def test_bad_arguments_same_messages_on_the_mesh(run):
     inp, out, _ = run
-    db = inp["database"]
-    ref_s, ref_i = _np_topk(db, db, 12)
-    np.testing.assert_array_equal(out["knn_db_i"], ref_i)
-    np.testing.assert_allclose(out["knn_db_s"], ref_s, atol=1e-5)
-    # exact duplicates: ties ordered by increasing index, as search.topk on one device
+    for key, call in worker.bad_calls(inp["queries"], inp["database"]).items():
+        with pytest.raises(ValueError) as one_device:
+            call(None)
+        assert str(out[f"error/{key}"]) == str(one_device.value), key
+
+
+def test_diffusion_neighbours_on_the_mesh_equal_one_device_including_ties(run):
+    inp, out, _ = run
+    for tag in ("db", "dup"):  # "dup": exact duplicates, ties across shards
+        x = inp["database"] if tag == "db" else inp["dup"]
+        ids, ids_kd, sims_kd = diffusion._neighbours(x, 12, 4)
+        np.testing.assert_array_equal(out[f"nbr_{tag}_ids"], ids)
+        np.testing.assert_array_equal(out[f"nbr_{tag}_ids_kd"], ids_kd)
+        np.testing.assert_allclose(out[f"nbr_{tag}_sims_kd"], sims_kd, atol=1e-6)
+        # against NumPy: each node first, then its nearest by (float32 score desc, index asc)
+        s = (x @ x.T).astype(np.float32)
+        np.fill_diagonal(s, np.inf)
+        n = len(x)
+        want = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -s), axis=1)
+        np.testing.assert_array_equal(out[f"nbr_{tag}_ids_kd"], want[:, :4])
+        np.testing.assert_array_equal(out[f"nbr_{tag}_ids"][:, 0], np.arange(n))
+        assert all(
+            set(a) == set(b) for a, b in zip(out[f"nbr_{tag}_ids"], want[:, :12], strict=True)
+        )
+    # search.self_topk on the ring, own index excluded, ties across shards
     dup = inp["dup"]
-    s1, i1 = search.topk(dup, dup, 12)
-    np.testing.assert_array_equal(out["knn_dup_i"], np.asarray(i1))
-    np.testing.assert_allclose(out["knn_dup_s"], np.asarray(s1), atol=1e-6)
-    assert (out["knn_dup_s"][:, 0] > 0.99999).all()
-    # self_first: the own index first, then the 8 nearest others
-    own = out["knn_self_i"]
-    np.testing.assert_array_equal(own[:, 0], np.arange(203))
-    np.testing.assert_array_equal(own[:, 1:], ref_i[:, 1:9])
+    np.testing.assert_array_equal(out["self_topk_dup_i"], np.asarray(search.self_topk(dup, 11)[1]))
 
 
 def test_aqe_dba_equal_one_device_and_numpy(run):
@@ -151,6 +167,8 @@ def test_diffusion_equals_one_device(run):
     for mode in ("joint", "online"):
         ref = diffusion.rank(gq, g, truncation=60, kd=10, kq=5, mode=mode)
         np.testing.assert_array_equal(out[f"dfs_{mode}"], np.asarray(ref))
+    ref = diffusion.online_rank(off, gq, g, kq=5)
+    np.testing.assert_array_equal(out["dfs_online_rank"], np.asarray(ref))
 
 
 def test_ranking_columns_on_the_mesh_equal_one_device(run):
@@ -184,7 +202,7 @@ def test_data_parallel_extraction_and_recalibration(run):
     assert 5 not in rep["kept"]  # the corrupt image
     np.testing.assert_allclose(out["extract"], ref, rtol=1e-5, atol=1e-6)
     for mode in ("exact", "pytorch"):
-        rec = ex.recalibrate_bn(enc, worker.recal_batches(paths), mode=mode)
+        rec = recalibration.recalibrate_bn(enc, worker.recal_batches(paths), mode=mode)
         for key, value in worker._stats(rec).items():
             np.testing.assert_allclose(out[f"{mode}/{key}"], value, rtol=1e-5, atol=1e-6)
         assert not np.allclose(
@@ -198,7 +216,7 @@ def test_data_parallel_extraction_and_recalibration(run):
 
 
 def test_process_slices_cover_the_list_in_order():
-    from jretrieval.distributed import process_slice
+    from jretrieval.mesh import process_slice
 
     for n, count in ((13, 2), (3, 4), (0, 3), (100, 7)):
         parts = [process_slice(n, process_index=p, process_count=count) for p in range(count)]
@@ -212,31 +230,39 @@ def test_process_slices_cover_the_list_in_order():
 def test_one_device_mesh_and_bad_arguments():
     import jax
 
-    from jretrieval import distributed, sharded
+    from jretrieval import mesh as mesh_lib
 
-    mesh = distributed.make_mesh()
+    mesh = mesh_lib.make_mesh()
     assert mesh.devices.size == jax.device_count() == 1 and mesh.axis_names == ("data",)
     x = _inputs()["database"]
-    rows = sharded.shard_rows(x, mesh)
+    rows = mesh_lib.shard_rows(x, mesh)
     assert rows.n == 203 and rows.array.shape == (203, 24)
     np.testing.assert_array_equal(rows.to_numpy(), x)
-    assert sharded.shard_rows(rows, mesh) is rows  # already placed: not copied again
+    assert mesh_lib.shard_rows(rows, mesh) is rows  # already placed: not copied again
     q = _inputs()["queries"]
-    s, i = sharded.topk(q, rows, 0, mesh=mesh)
+    s, i = search.topk(q, rows, 0, mesh=mesh)
     assert s.shape == i.shape == (9, 0)
     with pytest.raises(ValueError, match="k=204 is out of range"):
-        sharded.topk(q, x, 204, mesh=mesh)
+        search.topk(q, x, 204, mesh=mesh)
     with pytest.raises(ValueError, match="different descriptor sizes"):
-        sharded.topk(q[:, :8], x, 3, mesh=mesh)
+        search.topk(q[:, :8], x, 3, mesh=mesh)
     bad = x.copy()
     bad[7, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
-        sharded.aqe(q, bad, 3, mesh=mesh)
+        expansion.aqe(q, bad, 3, mesh=mesh)
     with pytest.raises(ValueError, match="k=203 is out of range"):
-        sharded.dba(x, 203, mesh=mesh)
-    with pytest.raises(ValueError, match="kd=61"):
-        sharded.offline(x, mesh=mesh, truncation=60, kd=61)
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
-        sharded.knn(x, 3, mesh=mesh, block_size=0)
+        expansion.dba(x, 203, mesh=mesh)
+    # diffusion on a mesh: the same checks and messages as on one device
+    with pytest.raises(ValueError, match="kd=61 is out of range"):
+        diffusion.offline(x, mesh=mesh, truncation=60, kd=61)
+    with pytest.raises(ValueError, match="block_size=0 is out of range"):
+        diffusion.offline(x, mesh=mesh, truncation=60, kd=5, block_size=0)
     with pytest.raises(ValueError, match="mode must be one of"):
-        sharded.diffusion_rank(q, x, mesh=mesh, mode="bogus")
+        diffusion.rank(q, x, mesh=mesh, mode="bogus")
+    with pytest.raises(ValueError, match="kq=204 is out of range"):
+        diffusion.rank(q, x, mesh=mesh, kq=204)
+    with pytest.raises(ValueError, match="queries and database have different descriptor sizes"):
+        diffusion.rank(q[:, :8], x, mesh=mesh)
+    off = diffusion.offline(x, truncation=20, kd=5)
+    with pytest.raises(ValueError, match="other descriptors"):
+        diffusion.online_rank(off, q, x[::-1].copy(), mesh=mesh)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jretrieval import expansion
+from jretrieval import mesh as mesh_lib
 
 
 def _unit(rng, n, d):
@@ -109,19 +110,41 @@ def test_jit():
     np.testing.assert_allclose(np.asarray(g(database)), numpy_dba(database, 2, 0.0), atol=1e-5)
 
 
-def test_bad_input():
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_bad_input(on_mesh):
+    # The same messages on one device and on a (one-device) mesh: the checks run before
+    # anything is placed (tests/test_distributed.py repeats them on four devices).
+    kw = {"mesh": mesh_lib.make_mesh(jax.devices()[:1])} if on_mesh else {}
     rng = np.random.default_rng(8)
     queries, database = _unit(rng, 3, 4), _unit(rng, 6, 4)
     with pytest.raises(ValueError, match=r"k=7 is out of range.*\(6, 4\)"):
-        expansion.aqe(queries, database, k=7)
+        expansion.aqe(queries, database, k=7, **kw)
     with pytest.raises(ValueError, match=r"k=6 is out of range.*N - 1 = 5"):
-        expansion.dba(database, k=6)
-    with pytest.raises(ValueError, match=r"queries \(3, 4\) and database \(6, 5\)"):
-        expansion.aqe(queries, _unit(rng, 6, 5))
+        expansion.dba(database, k=6, **kw)
+    with pytest.raises(
+        ValueError, match=r"different descriptor sizes: queries \(3, 4\), database \(6, 5\)"
+    ):
+        expansion.aqe(queries, _unit(rng, 6, 5), **kw)
     with pytest.raises(ValueError, match=r"queries is empty.*\(0, 4\)"):
-        expansion.aqe(queries[:0], database, k=1)
+        expansion.aqe(queries[:0], database, k=1, **kw)
     with pytest.raises(ValueError, match="alpha must be >= 0"):
-        expansion.aqe(queries, database, k=1, alpha=-1.0)
+        expansion.aqe(queries, database, k=1, alpha=-1.0, **kw)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        expansion.dba(database, k=1, block_size=0, **kw)
     database[2, 0] = np.nan
     with pytest.raises(ValueError, match=r"database holds NaN or inf \(shape \(6, 4\).*\[2\]"):
-        expansion.dba(database, k=1)
+        expansion.dba(database, k=1, **kw)
+    with pytest.raises(ValueError, match=r"database holds NaN or inf \(shape \(6, 4\).*\[2\]"):
+        expansion.aqe(queries, database, k=2, **kw)
+
+
+@pytest.mark.parametrize("k,alpha", [(1, 0.0), (4, 3.0)])
+def test_one_device_mesh_equals_plain(k, alpha):
+    # The mesh path's kernels (shard_map, psum, ring) with one shard, against NumPy.
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    rng = np.random.default_rng(12)
+    queries, database = _unit(rng, 5, 6), _unit(rng, 19, 6)
+    got = expansion.aqe(queries, database, k=k, alpha=alpha, mesh=mesh, block_size=4)
+    np.testing.assert_allclose(np.asarray(got), numpy_aqe(queries, database, k, alpha), atol=1e-5)
+    aug = expansion.dba(database, k=k, alpha=alpha, mesh=mesh, block_size=4, query_block=3)
+    np.testing.assert_allclose(aug.to_numpy(), numpy_dba(database, k, alpha), atol=1e-5)

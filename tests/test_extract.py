@@ -1,4 +1,4 @@
-"""Tests for jretrieval.extract.extract and the HDF5 store (jretrieval.store).
+"""Tests for jretrieval.extract.extract, jretrieval.steps and the HDF5 store (jretrieval.store).
 
 A tiny Flax CNN stands in for the encoder. References are computed image by image: Pillow
 decoding (``load_image``), float64 NumPy normalisation, the module applied to that one image,
@@ -23,8 +23,9 @@ from PIL import Image
 
 from jretrieval import store as store_lib
 from jretrieval.datasets import images as im
-from jretrieval.extract import extract, padded_batch_size
+from jretrieval.extract import extract
 from jretrieval.models import Encoder
+from jretrieval.steps import Loading, Pooling, padded_batch_size
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -107,7 +108,7 @@ def test_extract_fixed_policy_equals_per_image_reference(tmp_path):
     encoder, paths = _encoder(), _images(tmp_path, 7)
     policy = im.ResizePolicy("fixed", 16)
     for pooling in ("mac", "spoc"):
-        desc, report = extract(encoder, paths, policy=policy, pooling=pooling, batch_size=4)
+        desc, report = extract(encoder, paths, loading=Loading(policy, 4), pooling=pooling)
         ref = _reference(encoder, paths, policy=policy, pooling=pooling)
         np.testing.assert_allclose(desc, ref, rtol=1e-5, atol=1e-6)
         assert desc.dtype == np.float32 and desc.shape == (7, 8)
@@ -115,23 +116,25 @@ def test_extract_fixed_policy_equals_per_image_reference(tmp_path):
         assert report["shapes"] == [(4, 16, 16, 3)]  # the last 3 images padded: one compile
         assert report["skipped"] == [] and report["store"] is None
     # a second extraction with the same shapes compiles nothing new
-    from jretrieval.extract import _describe
+    from jretrieval.steps import _describe
 
-    before = _describe._cache_size()
-    extract(encoder, paths[:5], policy=policy, pooling="mac", batch_size=4)  # 4 + 1 -> 4 + 1
-    extract(encoder, paths[:3], policy=policy, pooling="mac", batch_size=4)  # 3 -> padded 4
-    assert _describe._cache_size() == before + 1  # only the padded size 1 was new
+    before = _describe[0]._cache_size() + _describe[1]._cache_size()
+    extract(encoder, paths[:5], loading=Loading(policy, 4), pooling="mac")  # 4 + 1 -> 4 + 1
+    extract(encoder, paths[:3], loading=Loading(policy, 4), pooling="mac")  # 3 -> padded 4
+    after = _describe[0]._cache_size() + _describe[1]._cache_size()
+    assert after == before + 1  # only the padded size 1 was new
 
 
 def test_extract_max_side_with_boxes_and_map_size(tmp_path):
     encoder, paths = _encoder(), _images(tmp_path, 6)
     policy = im.ResizePolicy("max_side", 24)
     bbx = [None, (2, 3, 20, 15), None, None, (0, 0, 10, 24), None]
-    desc, report = extract(encoder, paths, bbx=bbx, policy=policy, pooling="mac", batch_size=2)
+    desc, report = extract(encoder, paths, bbx=bbx, loading=Loading(policy, 2), pooling="mac")
     np.testing.assert_allclose(desc, _reference(encoder, paths, policy=policy, bbx=bbx), 1e-5, 1e-6)
     # images 0, 3: 24x32 -> 18x24; 2, 5: 20x20 (never enlarged); 1 and 4 are crops
     assert {s[1:3] for s in report["shapes"]} == {(18, 24), (20, 20), (9, 13), (18, 8)}
-    desc, _ = extract(encoder, paths, policy=policy, pooling="spoc", map_size=(5, 4), batch_size=3)
+    pooling = Pooling.of("spoc", map_size=(5, 4))
+    desc, _ = extract(encoder, paths, loading=Loading(policy, 3), pooling=pooling)
     ref = _reference(encoder, paths, policy=policy, pooling="spoc", map_size=(5, 4))
     np.testing.assert_allclose(desc, ref, atol=1e-5)
 
@@ -140,7 +143,7 @@ def test_model_pooling_and_bad_arguments(tmp_path):
     paths = _images(tmp_path, 3)
     policy = im.ResizePolicy("fixed", 16)
     head = _encoder(TinyWithHead())
-    desc, _ = extract(head, paths, policy=policy, pooling="model", batch_size=2)
+    desc, _ = extract(head, paths, loading=Loading(policy, 2), pooling="model")
     np.testing.assert_allclose(
         desc, 2 * _reference(head, paths, policy=policy, pooling="spoc"), 1e-5, 1e-6
     )
@@ -149,7 +152,7 @@ def test_model_pooling_and_bad_arguments(tmp_path):
 
     for pooling, kwargs in (("rmac", {"levels": 2}), ("gem", {"p": 4.0})):
         desc, _ = extract(
-            encoder, paths, policy=policy, pooling=pooling, pooling_kwargs=kwargs, batch_size=2
+            encoder, paths, loading=Loading(policy, 2), pooling=Pooling.of(pooling, kwargs)
         )
         for i, path in enumerate(paths):
             x = (im.load_image(path, policy=policy) / 255 - np.asarray(MEAN)) / np.asarray(STD)
@@ -157,11 +160,11 @@ def test_model_pooling_and_bad_arguments(tmp_path):
             ref = np.asarray(POOLING[pooling](fmap, **kwargs))[0]
             np.testing.assert_allclose(desc[i], ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no global descriptor"):
-        extract(encoder, paths, policy=policy, pooling="model")
+        extract(encoder, paths, loading=Loading(policy), pooling="model")
     with pytest.raises(ValueError, match=r"unknown pooling 'max'.*mac"):
-        extract(encoder, paths, policy=policy, pooling="max")
+        extract(encoder, paths, loading=Loading(policy), pooling="max")
     with pytest.raises(ValueError, match="bbx has 1 boxes for 3 paths"):
-        extract(encoder, paths, policy=policy, pooling="mac", bbx=[(0, 0, 4, 4)])
+        extract(encoder, paths, loading=Loading(policy), pooling="mac", bbx=[(0, 0, 4, 4)])
 
 
 def _h5_content(path):
@@ -197,25 +200,28 @@ class FailAfter:
 
 def test_interrupted_extraction_resumes_to_the_same_file(tmp_path):
     encoder, paths = _encoder(), _images(tmp_path, 21)
-    kw = dict(policy=im.ResizePolicy("fixed", 16), pooling="mac", batch_size=4, prefetch=1)
+    loading = Loading(im.ResizePolicy("fixed", 16), 4, prefetch=1)
+    kw = dict(pooling="mac", loading=loading)
     settings = {"model": "tiny", "dataset": "unit"}
     full = str(tmp_path / "full.h5")
     ref, _ = extract(encoder, paths, store=full, settings=settings, **kw)
+    crash = dict(pooling="mac", loading=loading._replace(loader=FailAfter(10)))
 
     store = str(tmp_path / "resumed.h5")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        extract(encoder, paths, store=store, settings=settings, loader=FailAfter(10), **kw)
+        extract(encoder, paths, store=store, settings=settings, **crash)
     assert not os.path.exists(store)  # nothing that looks complete
     partial = store + store_lib.PARTIAL_SUFFIX
     with h5py.File(partial, "r") as f:
         completed, complete = int(f.attrs["completed"]), bool(f.attrs["complete"])
         assert np.count_nonzero(f["done"][...]) == completed
     assert complete is False and 0 < completed < len(paths) and completed % 4 == 0
-    with pytest.raises(ValueError, match="incomplete"):
+    with pytest.raises(store_lib.StoreCorruptError, match="incomplete"):
         store_lib.read_store(partial)
 
     loader = FailAfter()
-    desc, report = extract(encoder, paths, store=store, settings=settings, loader=loader, **kw)
+    kw["loading"] = loading._replace(loader=loader)
+    desc, report = extract(encoder, paths, store=store, settings=settings, **kw)
     assert report["resumed"] == completed and loader.calls == len(paths) - completed
     assert not os.path.exists(partial) and os.path.exists(store)
     np.testing.assert_array_equal(desc, ref)
@@ -227,20 +233,25 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path):
 
 def test_store_reuse_and_never_stale(tmp_path):
     encoder, paths = _encoder(), _images(tmp_path, 5)
-    kw = dict(policy=im.ResizePolicy("fixed", 16), batch_size=4)
+    kw = dict(loading=Loading(im.ResizePolicy("fixed", 16), 4))
     path = str(tmp_path / "d.h5")
     first, report = extract(encoder, paths, pooling="mac", store=path, settings={"a": 1}, **kw)
     assert report["reused"] is False
     never = FailAfter(0)  # a reused store decodes nothing
     again, report = extract(
-        encoder, paths, pooling="mac", store=path, settings={"a": 1}, loader=never, **kw
+        encoder,
+        paths,
+        pooling="mac",
+        store=path,
+        settings={"a": 1},
+        loading=kw["loading"]._replace(loader=never),
     )
     assert report["reused"] is True and never.calls == 0
     np.testing.assert_array_equal(again, first)
     for change in (
         dict(pooling="spoc", settings={"a": 1}),
         dict(pooling="mac", settings={"a": 2}),
-        dict(pooling="mac", settings={"a": 1}, map_size=(4, 4)),
+        dict(pooling=Pooling.of("mac", map_size=(4, 4)), settings={"a": 1}),
     ):
         with pytest.raises(store_lib.StoreMismatchError, match="other settings"):
             extract(encoder, paths, store=path, **change, **kw)
@@ -261,13 +272,16 @@ def test_store_reuse_and_never_stale(tmp_path):
 
 def test_unreadable_partial_is_restarted(tmp_path):
     encoder, paths = _encoder(), _images(tmp_path, 5)
-    kw = dict(policy=im.ResizePolicy("fixed", 16), pooling="mac", batch_size=2)
+    policy = im.ResizePolicy("fixed", 16)
+    kw = dict(loading=Loading(policy, 2), pooling="mac")
     path = str(tmp_path / "d.h5")
     with open(path + store_lib.PARTIAL_SUFFIX, "wb") as f:
         f.write(b"\x89HDF\r\n\x1a\n truncated by a crash")
     desc, report = extract(encoder, paths, store=path, **kw)
     assert report["resumed"] == 0
-    np.testing.assert_allclose(desc, _reference(encoder, paths, policy=kw["policy"]), 1e-5, 1e-6)
+    np.testing.assert_allclose(desc, _reference(encoder, paths, policy=policy), 1e-5, 1e-6)
+    aside = [n for n in os.listdir(tmp_path) if ".partial.corrupt-" in n]
+    assert len(aside) == 1  # moved aside, not deleted
 
 
 def test_corrupt_images(tmp_path):
@@ -275,21 +289,23 @@ def test_corrupt_images(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really")
     paths[2] = str(bad)
-    kw = dict(policy=im.ResizePolicy("fixed", 16), pooling="mac", batch_size=4)
+    policy = im.ResizePolicy("fixed", 16)
+    kw = dict(loading=Loading(policy, 4), pooling="mac")
+    skip = dict(loading=Loading(policy, 4, skip_corrupt=True), pooling="mac")
     path = str(tmp_path / "d.h5")
     with pytest.raises(im.CorruptImageError, match="bad.jpg"):
         extract(encoder, paths, store=path, **kw)
     assert not os.path.exists(path)
-    desc, report = extract(encoder, paths, store=path, skip_corrupt=True, **kw)
+    desc, report = extract(encoder, paths, store=path, **skip)
     keep = [0, 1, 3, 4, 5]
     np.testing.assert_array_equal(report["kept"], keep)
     assert [p for p, _ in report["skipped"]] == [str(bad)] and "bad.jpg" in report["skipped"][0][1]
-    ref = _reference(encoder, [paths[i] for i in keep], policy=kw["policy"])
+    ref = _reference(encoder, [paths[i] for i in keep], policy=policy)
     np.testing.assert_allclose(desc, ref, rtol=1e-5, atol=1e-6)
     assert np.isfinite(desc).all() and np.abs(desc).sum(axis=1).min() > 0  # no zero rows
-    again, report2 = extract(encoder, paths, store=path, skip_corrupt=True, **kw)
+    again, report2 = extract(encoder, paths, store=path, **skip)
     assert report2["reused"] and report2["skipped"] == report["skipped"]
     np.testing.assert_array_equal(again, desc)
-    desc_mem, report3 = extract(encoder, paths, skip_corrupt=True, **kw)  # no store
+    desc_mem, report3 = extract(encoder, paths, **skip)  # no store
     np.testing.assert_array_equal(report3["kept"], keep)
     np.testing.assert_allclose(desc_mem, desc, rtol=1e-6)

@@ -167,6 +167,10 @@ def _mutated(fn):
         (_mutated(lambda d: d["imlist"].__setitem__(3, 7)), r"imlist\[3\] is int"),
         (_mutated(lambda d: d.__setitem__("gnd", {"a": 1})), "'gnd' must be a list"),
         (_mutated(lambda d: d["gnd"].__setitem__(1, {"ok": [1]})), r"gnd\[1\] is classic"),
+        # issue 9: duplicate and overlapping indices (a positive counted twice, or also junk)
+        (_mutated(lambda d: d["gnd"][0].update(easy=[1, 4, 1])), r"\['easy'\].*index 1 2 times"),
+        (_mutated(lambda d: d["gnd"][0].update(junk=[2, 7])), r"gnd\[0\].*7 in both 'hard'"),
+        (_mutated(lambda d: d["gnd"][1].update(easy=[6])), r"gnd\[1\].*6 in both 'easy'.*'hard'"),
     ],
 )
 def test_schema_errors(tmp_path, data, match):
@@ -216,6 +220,10 @@ def test_load_instre_mat(tmp_path):
 
 
 def test_load_instre_mat_errors(tmp_path):
+    path = tmp_path / "repeated.mat"
+    _write_instre_mat(path, ok_lists=((1, 2, 2), (6,)))
+    with pytest.raises(ValueError, match=r"gnd\[0\]\['ok'\] lists 1-based index 2 2 times"):
+        gt.load_instre(path)
     path = tmp_path / "zero_based.mat"
     _write_instre_mat(path, ok_lists=((0, 1), (2,)))  # a 0 cannot be a MATLAB index
     with pytest.raises(ValueError, match=r"gnd\[0\]\['ok'\] holds 1-based index 0"):

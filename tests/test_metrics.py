@@ -335,3 +335,50 @@ def test_protocol_errors():
     bad = [{"easy": [2, 2], "hard": [], "junk": []}]
     with pytest.raises(ValueError, match=r"gnd\[0\]\['ok'\] repeats .*\[2\].*setup 'E'"):
         metrics.evaluate(np.arange(10)[None], bad, "revisited")
+
+
+def test_per_query_ap_hand_case_and_means():
+    # query 0: positives {0, 2} at ranks 1 and 3 (junk 1 removed first: ranks 1, 2):
+    #   AP = (1 + 1)/2 * 1/2 + (1/1 + 2/2)/2 * 1/2 = 1.0; query 1: positive 3 at rank 4 of 4:
+    #   AP = (0 + 1/4)/2 = 0.125; query 2 has no positives: nan, left out of the mean.
+    ranks = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0]])
+    gnd = [{"ok": [0, 2], "junk": [1]}, {"ok": [3]}, {"ok": []}]
+    figures, per_query = metrics.evaluate_queries(ranks, gnd, "classic")
+    np.testing.assert_allclose(per_query["mAP"][:2], [100.0, 12.5])
+    assert np.isnan(per_query["mAP"][2])
+    assert figures["mAP"] == pytest.approx(56.25)
+    assert set(metrics.per_query_ap(ranks, gnd, "instre")) == {"mAP"}
+    # revisited: one AP list per setup, each averaging to its mAP
+    rgnd = [{"easy": [0], "hard": [2], "junk": [1]}, {"easy": [3], "hard": [], "junk": []}]
+    figures, per_query = metrics.evaluate_queries(ranks[:2], rgnd, "revisited")
+    assert set(per_query) == {"E/mAP", "M/mAP", "H/mAP"}
+    for key, aps in per_query.items():
+        assert np.nanmean(aps) == pytest.approx(figures[key]), key
+        _, ref, _, _ = metrics.compute_map(ranks[:2], metrics.setups(rgnd, "revisited")[key[0]])
+        np.testing.assert_allclose(aps, 100 * ref)
+
+
+def test_chance_level_uses_the_headline_setup_and_the_queries_given():
+    gnd = [{"ok": [1]}, {"ok": [0, 2], "junk": [3]}]
+    assert metrics.chance_level(gnd, "classic", 4) == ("mAP", metrics.chance_map(gnd, 4))
+    # a skipped query is simply not passed: the level is that of the queries evaluated
+    assert metrics.chance_level(gnd[1:], "classic", 4)[1] == pytest.approx(
+        metrics.chance_map(gnd[1:], 4)
+    )
+    # one positive in 2: rank 1 (AP 1) or rank 2 (AP (0 + 1/2) / 2), each with probability 1/2
+    assert metrics.chance_map([{"ok": [1]}], 2) == pytest.approx(62.5)
+    rgnd = [{"easy": [0], "hard": [2], "junk": [1]}]
+    metric, value = metrics.chance_level(rgnd, "revisited", 4)
+    assert metric == "M/mAP"
+    assert value == pytest.approx(metrics.chance_map([{"ok": [0, 2], "junk": [1]}], 4))
+
+
+def test_label_results():
+    ranks = np.array([[0, 1, 2], [2, 1, 0]])
+    gnd = [{"easy": [0], "hard": [2], "junk": [1]}, {"easy": [], "hard": [1], "junk": [0]}]
+    assert metrics.label_results(ranks, gnd, "revisited") == [
+        ["positive", "junk", "positive"],
+        ["negative", "positive", "junk"],
+    ]
+    with pytest.raises(ValueError, match="does not match 1 queries"):
+        metrics.label_results(ranks, gnd[:1], "revisited")

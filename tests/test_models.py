@@ -2,16 +2,18 @@
 
 Shape convention: NHWC inputs ``[B, H, W, 3]``, maps ``[B, h, w, C]``.
 
-Golden parameter counts come from CHECKPOINTS.md (torchvision/SimCLR/dirtorch figures, minus the
-classifier ``fc`` where the encoder drops it). Numeric references are NumPy/PyTorch float64;
+Golden parameter counts are the published checkpoints' (torchvision, SimCLR, dirtorch), minus the
+classifier ``fc`` where the encoder drops it. Numeric references are NumPy/PyTorch float64;
 tolerances are stated at each assert. The full-network parity with PyTorch is in
 ``test_convert.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 
 import h5py
 import jax
@@ -95,7 +97,8 @@ def test_init_and_round_trip(encoder, saved):
     assert encoder.preprocessing == models.IMAGENET
     loaded = models.load(saved)
     assert loaded.architecture == encoder.architecture
-    assert loaded.metadata == {"k": 1}
+    digest = hashlib.sha256(saved.read_bytes()).hexdigest()
+    assert loaded.metadata == {"k": 1, "file": str(saved), "file_sha256": digest}
     assert loaded.preprocessing == encoder.preprocessing
     flat_a, flat_b = io.flatten(encoder.variables), io.flatten(loaded.variables)
     assert flat_a.keys() == flat_b.keys()
@@ -233,3 +236,66 @@ def test_apgem_pca_collection_shapes_and_errors():
     enc = models.Encoder(module, {}, {"name": "apgem"}, models.IMAGENET)
     with pytest.raises(ValueError, match="no 'pca' variables"):
         enc.global_descriptor(np.zeros((1, 64, 64, 3), np.float32), pca_power=0.25)
+
+
+# ----------------------------------------------------------------------------- zoo entries
+
+RESNET50 = {"name": "resnet", "depth": 50, "width": 1}
+AMDIM = {"name": "amdim", "ndf": 256, "n_rkhs": 2048, "n_depth": 10}
+
+
+def _stub(path, architecture):
+    """An encoder file whose metadata states ``architecture`` (no weights: never read)."""
+    models.save(path, architecture, {}, dict(models.IMAGENET), {"source": "x.pth"})
+    return path
+
+
+@pytest.mark.parametrize(
+    "held,expected,names",
+    [  # issue 9 item 5: both ran to exit 0 under the wrong label
+        ({"name": "resnet", "depth": 101}, RESNET50, ("resnet-101", "resnet-50", "depth=101")),
+        (RESNET50, AMDIM, ("resnet-50", "amdim ndf256", "name='resnet'")),
+        ({"name": "resnet", "depth": 50, "width": 4}, RESNET50, ("resnet-50 x4", "width=4")),
+    ],
+)
+def test_zoo_architecture_mismatch_refused_with_both_names(tmp_path, held, expected, names):
+    path = _stub(tmp_path / "baseline.h5", held)
+    assert models.read_architecture(path) == held
+    with pytest.raises(models.ArchitectureMismatchError) as info:
+        models.load(path, expected=expected)  # refused from the metadata: no weight is read
+    assert "baseline.h5" in str(info.value)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_zoo_architecture_match_uses_defaults_and_json_types(saved):
+    # the file states no width: the ResNet default (1) matches the zoo's explicit width 1
+    models.check_architecture(models.read_architecture(saved), RESNET50, where="x")
+    models.check_architecture({"name": "apgem", "out_dim": 2048}, {"name": "apgem"}, where="x")
+    models.check_architecture({"name": "t", "size": [23, 23]}, {"size": (23, 23)}, where="x")
+    models.check_architecture({"name": "resnet"}, None, where="x")  # nothing stated
+    with pytest.raises(models.ArchitectureMismatchError, match="pca_dim=0"):
+        models.check_architecture({"name": "apgem"}, {"name": "apgem", "pca_dim": 512}, where="x")
+
+
+def test_provenance_records_architecture_and_digests(encoder, saved):
+    info = models.provenance(models.load(saved))
+    assert info["architecture"] == {"name": "resnet", "depth": 50}
+    assert info["architecture_name"] == "resnet-50"
+    assert info["weights_sha256"] == hashlib.sha256(saved.read_bytes()).hexdigest()
+    assert info["weights_file"] == str(saved) and info["seed"] is None
+    random = models.provenance(encoder)
+    assert random["weights_sha256"] is None and random["seed"] == 1
+    assert random["checkpoint"] is None
+
+
+def test_saved_files_follow_the_umask(encoder, tmp_path):
+    """issue 9 item 10: converted and BN files were created 0600 (``mkstemp``)."""
+    for umask, mode in ((0o022, 0o644), (0o002, 0o664), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            path = _stub(tmp_path / f"u{umask:o}.h5", RESNET50)
+        finally:
+            os.umask(old)
+        assert os.stat(path).st_mode & 0o777 == mode
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]

@@ -7,9 +7,9 @@ and process 0 writes the one HDF5 store. This process (one device, no ``jax.dist
 computes the single-process reference. Only the loopback address is used; both workers are
 killed after ``TIMEOUT_S``.
 
-The workers also run ``jretrieval.sharded`` top-k, ring kNN, DBA, AQE and online diffusion on
-the 4-device global mesh (shards travel between the processes), compared with the one-device
-functions.
+The workers also run ``search.topk``/``Index``, DBA, AQE and ``jretrieval.diffusion.rank``
+(joint and online, ``mesh=``) on the 4-device global mesh (shards travel between the
+processes), compared with the one-device functions.
 
 Tolerances: recalibrated statistics ``rtol 1e-5, atol 1e-6`` (float64 merges of per-process
 population statistics vs one pass); descriptors ``rtol 1e-5, atol 1e-6``; the store's ids,
@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 import pytest
 
-from jretrieval import diffusion, expansion, search
+from jretrieval import diffusion, expansion, recalibration, search
 from jretrieval import extract as ex
 from jretrieval import store as store_lib
 from tests import device_worker as worker
@@ -100,7 +100,7 @@ def test_joint_recalibration_equals_one_process(job):
     paths = worker.image_paths(os.path.join(folder, "images"))
     assert [int(o["slice"][0]) for o in outs] == [7, 6]
     for mode in ("exact", "pytorch"):
-        rec = ex.recalibrate_bn(worker.encoder(), worker.recal_batches(paths), mode=mode)
+        rec = recalibration.recalibrate_bn(worker.encoder(), worker.recal_batches(paths), mode=mode)
         for key, value in worker._stats(rec).items():
             for out in outs:
                 np.testing.assert_allclose(out[f"{mode}/{key}"], value, rtol=1e-5, atol=1e-6)
@@ -136,8 +136,9 @@ def test_sharded_search_across_processes(job):
     x, q = worker.search_inputs()
     for out in outs:  # every process holds the replicated results / gathers the sharded ones
         np.testing.assert_array_equal(out["mh_topk"], np.asarray(search.topk(q, x, 5)[1]))
-        np.testing.assert_array_equal(out["mh_knn"], np.asarray(search.topk(x, x, 6)[1]))
+        np.testing.assert_array_equal(out["mh_index"], out["mh_topk"])
         np.testing.assert_allclose(out["mh_dba"], np.asarray(expansion.dba(x, 3)), atol=1e-6)
         np.testing.assert_allclose(out["mh_aqe"], np.asarray(expansion.aqe(q, x, 4)), atol=1e-6)
-        ref = diffusion.rank(q, x, truncation=20, kd=5, kq=4, mode="online")
-        np.testing.assert_array_equal(out["mh_dfs"], np.asarray(ref))
+        for mode in ("joint", "online"):
+            ref = diffusion.rank(q, x, truncation=20, kd=5, kq=4, mode=mode)
+            np.testing.assert_array_equal(out[f"mh_dfs_{mode}"], np.asarray(ref), err_msg=mode)

@@ -60,14 +60,23 @@ def np_dba(db, k):
     return _l2(db + db[_knn(db, db, k, exclude_self=True)].sum(1))
 
 
+def stages(name):
+    """``(dba, aqe, dfs)`` read from a column's name ("G+DBA+AQE": global search, then DBA and
+    AQE), independently of ``ranking.SPECS``, the table under test."""
+    parts = name.split("+")
+    assert parts[0] == "G" and set(parts[1:]) <= {"AQE", "DBA", "DFS"}, name
+    return "DBA" in parts, "AQE" in parts, "DFS" in parts
+
+
 def np_reference(name, q, db, cfg):
-    """(queries, database) the column searches with, from the NumPy definitions."""
+    """(queries, database) the column searches with, from the NumPy definitions: DBA first
+    (on the database), then AQE against the database as it then is (Gordo et al. 2017)."""
     r = cfg.ranking
-    spec = ranking.SPECS[name]
-    both = spec.dba and spec.aqe
-    if spec.dba:
+    dba, aqe, _ = stages(name)
+    both = dba and aqe
+    if dba:
         db = np_dba(db, r.combined_dba_k if both else r.dba_k)
-    if spec.aqe:
+    if aqe:
         q = np_aqe(q, db, r.combined_aqe_k if both else r.aqe_k)
     return q, db
 
@@ -106,12 +115,12 @@ def test_diffusion_columns_are_diffusion_of_expanded_inputs(name):
     cfg = _cfg()
     ranks = np.asarray(ranking.COLUMNS[name](q32, db32, cfg))
     # The library's expansions are the NumPy definitions (to 1e-5)...
-    spec, r = ranking.SPECS[name], cfg.ranking
-    both = spec.dba and spec.aqe
+    (dba, aqe, _), r = stages(name), cfg.ranking
+    both = dba and aqe
     eq, edb = q32, db32
-    if spec.dba:
+    if dba:
         edb = expansion.dba(db32, k=r.combined_dba_k if both else r.dba_k)
-    if spec.aqe:
+    if aqe:
         eq = expansion.aqe(q32, edb, k=r.combined_aqe_k if both else r.aqe_k)
     rq, rdb = np_reference(name, q, db, cfg)
     np.testing.assert_allclose(np.asarray(eq), rq, atol=1e-5)
@@ -147,6 +156,32 @@ def test_hand_made_aqe_changes_the_order():
     cfg = _cfg(aqe_k=1)
     np.testing.assert_array_equal(np.asarray(ranking.COLUMNS["G"](q, db, cfg)), [[1, 2, 0]])
     np.testing.assert_array_equal(np.asarray(ranking.COLUMNS["G+AQE"](q, db, cfg)), [[1, 0, 2]])
+
+
+def test_every_column_name_reads_as_its_stages():
+    # the table under test agrees with what each name says
+    for name in ranking.COLUMN_NAMES:
+        assert tuple(ranking.SPECS[name]) == stages(name), name
+    assert len(set(map(stages, ranking.COLUMN_NAMES))) == 8
+
+
+@pytest.mark.parametrize("block_size", [None, 7])
+def test_columns_with_any_block_size_and_a_one_device_mesh(block_size):
+    # A one-device mesh runs as one device (the full ranking's host sort is faster than a
+    # sharded top-k); the four-device mesh is tests/test_distributed.py's.
+    import jax
+
+    from jretrieval import mesh as mesh_lib
+
+    q, db = _data(7)
+    cfg = _cfg(block_size=block_size)
+    names = [n for n in ranking.COLUMN_NAMES if "DFS" not in n]
+    plain = ranking.rank_columns(q, db, cfg, names)
+    meshed = ranking.rank_columns(q, db, cfg, names, mesh=mesh_lib.make_mesh(jax.devices()[:1]))
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(meshed[name]), np.asarray(plain[name]))
+        rq, rdb = np_reference(name, q, db, cfg)
+        _assert_same_ranking(plain[name], rq @ rdb.T)
 
 
 def test_paper_parameters_are_the_defaults():

@@ -1,4 +1,4 @@
-"""Tests for jretrieval.extract.recalibrate_bn against PyTorch's BatchNorm behaviour.
+"""Tests for jretrieval.recalibration.recalibrate_bn against PyTorch's BatchNorm behaviour.
 
 A small CNN is written twice, in Flax (with the ``bn_momentum`` field the models carry) and in
 PyTorch, with the same weights. PyTorch in ``model.train()`` is the reference for ``"pytorch"``
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from jretrieval.extract import recalibrate_bn
 from jretrieval.models import Encoder
+from jretrieval.recalibration import recalibrate_bn
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -359,8 +359,8 @@ def test_switched_off_batchnorms_keep_their_statistics():
     """AMDIM as released (use_bn=False) owns BNs it never applies: only layer 9's BN sees data."""
     from flax import traverse_util
 
-    from jretrieval.extract import normalise
     from jretrieval.models import init_encoder
+    from jretrieval.steps import normalise
 
     arch = {"name": "amdim", "ndf": 8, "n_rkhs": 64, "n_depth": 2, "use_bn": False}
     encoder = init_encoder({**arch, "feature_layer": 9}, seed=1)

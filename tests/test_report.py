@@ -1,13 +1,13 @@
 """Report: paper-shaped tables from hand-made results, JSON/CSV round trips, PNG pictures.
 
-Expected tables are literal strings written from the rules in ``jretrieval.report``'s
+Expected tables are literal strings written from the rules in ``jretrieval.tables``'
 docstring (values to 2 decimals; best per column in Tables 1/2, ensembles ranked apart from
-single models, the upper bound not ranked; best per row in Table 3).
+single models, the upper bound not ranked; best per row in Table 3). Published figures are
+those of ``jretrieval.paper``, typed again here where a test compares with them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jretrieval import report
-from jretrieval.datasets import Dataset
-from jretrieval.datasets.demo import chance_map
+from jretrieval import metrics, paper, pictures, report, results_files, tables
+from jretrieval.results import Results
 
 TABLE1 = {
     "dataset": "toy",
@@ -34,7 +33,7 @@ TABLE1 = {
 
 
 def test_table1_markdown_and_console():
-    md = report.format_markdown(TABLE1)
+    md = tables.format_markdown(TABLE1)
     expected = "\n".join(
         [
             "## Table 1: toy, mAP (%)",
@@ -51,7 +50,7 @@ def test_table1_markdown_and_console():
     )
     assert expected in md
     assert md.startswith("# toy: retrieval results\n\n> toy note\n")
-    console = report.format_table(TABLE1)
+    console = tables.format_table(TABLE1)
     assert console == "\n".join(
         [
             "Table 1: toy, mAP (%)",
@@ -73,13 +72,13 @@ def test_table1_column_order_follows_results_columns_and_paper_reference():
         "columns": ["G+DFS", "G"],
         "models": {"baseline": {"G": {"mAP": 1.0}, "G+DFS": {"mAP": 2.0}}},
     }
-    [ours, paper] = report.tables(results)
+    [ours, ref] = tables.tables(results)
     assert ours.header == ["Method", "G+DFS", "G"]
     assert ours.rows == [("baseline", "baseline", [2.0, 1.0])]
-    assert paper.reference and "as published in the paper" in paper.title
-    assert paper.rows == [("baseline", "baseline", [74.29, 55.12])]  # paper Table 1, Oxford5k
-    assert len(report.tables(results, paper=False)) == 1
-    assert len(report.tables({**results, "dataset": "demo"})) == 1  # nothing published
+    assert ref.reference and "as published in the paper" in ref.title
+    assert ref.rows == [("baseline", "baseline", [74.29, 55.12])]  # paper Table 1, Oxford5k
+    assert len(tables.tables(results, paper_tables=False)) == 1
+    assert len(tables.tables({**results, "dataset": "demo"})) == 1  # nothing published
 
 
 def test_table2_revisited_layout():
@@ -93,18 +92,18 @@ def test_table2_revisited_layout():
         "protocol": "revisited",
         "models": {"mocov2": {"G": figures}, "simclr2x": {"G": {k: 0.5 for k in figures}}},
     }
-    [ours, paper] = report.tables(results)
+    [ours, ref] = tables.tables(results)
     assert ours.layout == "table2"
-    assert ours.header == ["Method", *report.TABLE2_METRICS]
+    assert ours.header == ["Method", *paper.TABLE2_METRICS]
     assert ours.header[1:4] == ["E/mAP", "E/mP@5", "E/mP@10"]
     assert ours.rows[0][2] == [0.0, 2.0, 3.0, 10.0, 12.0, 13.0, 20.0, 22.0, 23.0]
     assert ours.bold[0] == [False] + [True] * 8  # 0.0 < 0.5 in the first column
-    assert paper.rows[0] == (
+    assert ref.rows[0] == (
         "mocov2",
         "mocov2",
         [52.69, 72.33, 65.86, 36.49, 67.24, 59.24, 10.72, 23.38, 18.67],
     )
-    md = report.format_markdown(results)
+    md = tables.format_markdown(results)
     assert "| mocov2 | 0.00 | **2.00** | **3.00** | **10.00** |" in md
 
 
@@ -118,12 +117,12 @@ def test_table3_sweep_sorted_with_true_dim_last_and_bold_per_row():
             "b": {"512": {"mAP": 7.0}, "True dim.": {"mAP": 3.0}, "2048": {"mAP": 7.001}},
         },
     }
-    [table] = report.tables(results)
+    [table] = tables.tables(results)
     assert table.layout == "table3"
     assert table.header == ["Method", "32", "512", "2048", "True dim."]
     assert table.rows[0][2] == [1.0, 5.0, None, 9.0]
     assert table.bold == [[False, False, False, True], [False, True, True, False]]
-    md = report.format_markdown(results)
+    md = tables.format_markdown(results)
     assert "| b | - | **7.00** | **7.00** | 3.00 |" in md and "Best per row in bold." in md
     # "<column> @ <dim>" keys: one Table 3 per ranking column; "none" is the no-PCA column
     multi = {
@@ -131,19 +130,24 @@ def test_table3_sweep_sorted_with_true_dim_last_and_bold_per_row():
         "protocol": "classic",
         "models": {"baseline": {"G @ 64": {"mAP": 1.0}, "G @ none": {"mAP": 2.0}}},
     }
-    ours, paper = report.tables(multi)
+    ours, ref = tables.tables(multi)
     assert ours.title == "Table 3: oxford5k, G, mAP (%) by PCA-whitening dimension"
     assert ours.header == ["Method", "64", "True dim."]
-    assert paper.rows == [("baseline", "baseline", [54.61, 58.47])]  # paper Table 3
+    assert ref.rows == [("baseline", "baseline", [54.61, 58.47])]  # paper Table 3
 
 
 def test_bad_results_are_named():
     with pytest.raises(ValueError, match="'models'"):
-        report.tables({"dataset": "x"})
+        tables.tables({"dataset": "x"})
     with pytest.raises(ValueError, match=r"\['a'\]\['G'\]\['mAP'\]"):
-        report.tables({"dataset": "x", "models": {"a": {"G": {"mAP": "high"}}}})
+        tables.tables({"dataset": "x", "models": {"a": {"G": {"mAP": "high"}}}})
     with pytest.raises(ValueError, match="metric"):
-        report.tables({"dataset": "x", "models": {"a": {"G": 3.0}}})
+        tables.tables({"dataset": "x", "models": {"a": {"G": 3.0}}})
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        Results.from_dict({"dataset": "x", "models": {}, "bogus": 1})
+    with pytest.raises(ValueError, match="not a results.json"):
+        path = os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")
+        results_files.read_results(path)
 
 
 def test_write_report_round_trips_json_and_csv(tmp_path):
@@ -156,9 +160,9 @@ def test_write_report_round_trips_json_and_csv(tmp_path):
         },
         "settings": {"whitening": {"dim": 512}, "dims": (32, None)},
     }
-    paths = report.write_report(results, tmp_path / "out")
+    paths = report.write(results, tmp_path / "out")
     assert set(paths) == {"json", "csv", "markdown"}  # no sweep, no plot
-    back = report.read_csv(paths["csv"])
+    back = results_files.read_csv(paths["csv"])
     assert back == {
         "dataset": "toy",
         "models": {
@@ -168,7 +172,7 @@ def test_write_report_round_trips_json_and_csv(tmp_path):
     }
     with open(paths["csv"]) as f:
         assert f.readline() == "dataset,model,column,metric,value\n"
-    saved = report.read_json(paths["json"])
+    saved = results_files.read_json(paths["json"])
     assert saved["models"]["a"]["G+AQE"]["mAP"] is None  # NaN -> null (strict JSON)
     assert saved["models"]["b+c"]["G"]["mAP"] == 1 / 3
     assert saved["settings"] == {"whitening": {"dim": 512}, "dims": [32, None]}
@@ -179,14 +183,14 @@ def test_write_report_round_trips_json_and_csv(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = str(tmp_path / "results.json")
-    report._write_atomic(path, lambda f: f.write("old"))
+    results_files.write_atomic(path, lambda f: f.write("old"))
 
     def broken(f):
         f.write("half")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        report._write_atomic(path, broken)
+        results_files.write_atomic(path, broken)
     assert open(path).read() == "old"
     assert os.listdir(tmp_path) == ["results.json"]
 
@@ -203,26 +207,26 @@ def _sweep():
 
 
 def test_dimension_sweep_plot_is_a_png_of_the_requested_size(tmp_path):
-    paths = report.write_report(_sweep(), tmp_path)
+    paths = report.write(_sweep(), tmp_path)
     with Image.open(paths["plot"]) as im:
         assert im.format == "PNG" and im.size == (640, 400)
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10  # something was drawn
-    small = report.plot_dimension_sweep(_sweep(), tmp_path / "s.png", size=(320, 240))
+    small = pictures.plot_dimension_sweep(_sweep(), tmp_path / "s.png", size=(320, 240))
     with Image.open(small) as im:
         assert im.size == (320, 240)
     with pytest.raises(ValueError, match="no Table 3 sweep"):
-        report.plot_dimension_sweep(TABLE1, tmp_path / "x.png")
+        pictures.plot_dimension_sweep(TABLE1, tmp_path / "x.png")
 
 
 def test_dimension_sweep_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
-        report.plot_dimension_sweep(_sweep(), tmp_path / "x.png")
-    paths = report.write_report(_sweep(), tmp_path)  # plot=None: warns, writes the rest
+        pictures.plot_dimension_sweep(_sweep(), tmp_path / "x.png")
+    paths = report.write(_sweep(), tmp_path)  # plot=None: warns, writes the rest
     assert "plot" not in paths and os.path.isfile(paths["markdown"])
     with pytest.raises(ImportError):
-        report.write_report(_sweep(), tmp_path, plot=True)
+        report.write(_sweep(), tmp_path, plot=True)
 
 
 COLOURS = [(250, 200, 0), (0, 200, 250), (120, 0, 200), (255, 128, 128), (30, 30, 30)]
@@ -237,61 +241,115 @@ def _images(folder, n):
     return paths
 
 
-def _cell_origin(i, t, thumb):
-    cell = thumb + 8
-    x = 8 + t * (cell + 4) + (16 - 4 if t > 0 else 0)
-    return x, 8 + i * (cell + 4)
-
-
 def test_top_results_picture_marks_positives_negatives_and_junk(tmp_path):
     db = _images(tmp_path, 5)
     queries = db[:2]
-    ranks = np.array([[0, 3, 1, 4], [2, 1, 0, 3]])
+    ranks = np.array([[0, 3, 1], [2, 1, 0]])
     gnd = [
-        {"ok": np.array([0, 1]), "junk": np.array([3]), "bbx": (2, 2, 15, 15)},
-        {"easy": np.array([2]), "hard": np.array([0]), "junk": np.array([], np.int64)},
+        {"ok": np.array([0, 1]), "junk": np.array([3])},
+        {"ok": np.array([2, 0]), "junk": np.array([], np.int64)},
     ]
-    path = report.plot_top_results(queries, db, ranks, gnd, tmp_path / "top.png", k=3, thumb=32)
-    # width 2*8 + 4 cells of 40 + 16 (after the query) + 2*4; height 2*8 + 2*40 + 4
-    assert report.top_results_size(2, 3, 32) == (200, 100)
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == (200, 100)
+    labels = metrics.label_results(ranks, gnd, "classic")
+    assert labels == [["positive", "junk", "positive"], ["positive", "negative", "positive"]]
+    paths = [[db[j] for j in row] for row in ranks]
+    out = pictures.plot_top_results(
+        queries, paths, labels, tmp_path / "top.png", aps=[87.5, None], bbx=[(2, 2, 15, 15), None]
+    )
+    # width 2*8 + 4 cells of 136 + 16 (after the query) + 2*4; height 2*8 + legend 22 +
+    # 2 * (title 16 + cell 136 + captions 26) + 4
+    assert pictures.top_results_size(2, 3, 128) == (584, 398)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (584, 398)
         px = np.asarray(im.convert("RGB"))
-    expected = [
-        [report.QUERY, report.POSITIVE, report.JUNK, report.POSITIVE],
-        [report.QUERY, report.POSITIVE, report.NEGATIVE, report.POSITIVE],
+    frames = [
+        [pictures.QUERY, pictures.POSITIVE, pictures.JUNK, pictures.POSITIVE],
+        [pictures.QUERY, pictures.POSITIVE, pictures.NEGATIVE, pictures.POSITIVE],
     ]
-    for i, row in enumerate(expected):
+    for i, row in enumerate(frames):
         for t, colour in enumerate(row):
-            x, y = _cell_origin(i, t, 32)
+            x, y = pictures.cell_origin(i, t, 128)
             assert tuple(px[y + 1, x + 1]) == colour, (i, t)
             image_index = i if t == 0 else ranks[i, t - 1]
-            centre = px[y + 4 + 16, x + 4 + 16].astype(int)
-            # the thumbnail shows the image (JPEG: within a few levels); the query's box is
-            # drawn in its corner region, not the centre
+            centre = px[y + 4 + 64, x + 4 + 64].astype(int)
             assert np.abs(centre - COLOURS[image_index]).max() <= 8, (i, t)
-    with pytest.raises(ValueError, match="outside"):
-        report.plot_top_results(queries, db[:2], ranks, gnd, tmp_path / "x.png", k=3)
-    with pytest.raises(ValueError, match="k=5"):
-        report.plot_top_results(queries, db, ranks, gnd, tmp_path / "x.png", k=5)
+            # text (rank, file name) under each frame: dark pixels in the caption band
+            caption = px[y + 136 + 1 : y + 136 + 26, x : x + 136]
+            assert (caption.min(axis=2) < 100).any(), (i, t)
+        x, y = pictures.cell_origin(i, 0, 128)
+        title = px[y - 16 : y, x : x + 300]  # the query's title line (name and AP)
+        assert (title.min(axis=2) < 100).any()
+    legend = px[8:30, 8:20]
+    assert (np.abs(legend.astype(int) - pictures.QUERY).max(axis=2) == 0).any()
+    with pytest.raises(ValueError, match="labels"):
+        pictures.plot_top_results(queries, paths, [["maybe"] * 3] * 2, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="result_paths must be 2 lists of 3"):
+        pictures.plot_top_results(queries, [paths[0]], labels, tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        pictures.plot_top_results(["nope.jpg"], paths[:1], labels[:1], tmp_path / "x.png")
 
 
-def test_write_adds_chance_pictures_and_summary(tmp_path):
+def test_write_draws_the_examples_and_summary_compares_with_the_paper(tmp_path):
     db = _images(tmp_path, 5)
-    gnd = [{"ok": np.array([0, 1]), "junk": np.array([4])}, {"ok": np.array([2])}]
-    dataset = Dataset("toy", str(tmp_path), db, db[:2], None, gnd, "classic")
+    results = Results(
+        dataset="oxford5k",
+        protocol="classic",
+        models={"baseline": {"G": {"mAP": 55.0}, "G+AQE": {"mAP": 70.0}}},
+        labels={"baseline": "Baseline"},
+        chance={"metric": "mAP", "value": 1.5},
+        examples={
+            "baseline": {
+                "column": "G",
+                "queries": [1],
+                "query_paths": [db[1]],
+                "bbx": None,
+                "ap": [50.0],
+                "ranks": [[2, 0]],
+                "paths": [[db[2], db[0]]],
+                "labels": [["negative", "positive"]],
+            }
+        },
+    )
+    paths = report.write(results, tmp_path / "out")
+    with Image.open(paths["top10/baseline"]) as im:
+        assert im.size == pictures.top_results_size(1, 2, 128)
+    assert results_files.read_results(paths["json"]) == results
+    assert report.summary(results) == "\n".join(
+        [
+            "Table 1: oxford5k, mAP (%)",
+            "Method        G   G+AQE",
+            "Baseline  55.00   70.00",
+            "  paper   55.12   67.85",
+            "  diff    -0.12   +2.15",
+            f"paper: {paper.CITATION}; diff: ours minus the paper's.",
+            "",
+            "Chance level (expected mAP of a random ranking): 1.50%",
+        ]
+    )
+
+
+def test_instre_note_replaces_the_comparison_of_its_doubtful_column():
     results = {
-        "dataset": "toy",
-        "protocol": "classic",
-        "models": {"a": {"G": {"mAP": 55.0}}},
-        "examples": {"a": {"column": "G", "queries": [1, 0], "ranks": [[2, 0, 1], [0, 1, 4]]}},
+        "dataset": "instre",
+        "protocol": "instre",
+        "models": {"baseline": {"G+DBA": {"mAP": 60.0}, "G+DBA+DFS": {"mAP": 70.0}}},
     }
-    paths = report.write(results, tmp_path / "out", dataset=dataset)
-    assert results["chance"]["metric"] == "mAP"
-    assert results["chance"]["value"] == pytest.approx(chance_map(gnd, 5))
-    assert results["summary"] == report.format_table(results)
-    assert "Chance level (expected mAP of a random ranking)" in results["summary"]
-    with Image.open(paths["top10/a"]) as im:
-        assert im.size == report.top_results_size(2, 3, 128)
-    saved = report.read_json(paths["json"])
-    assert math.isclose(saved["chance"]["value"], results["chance"]["value"])
+    console = tables.format_table(results)
+    assert "  paper   63.96       16.41" in console
+    assert "  diff    -3.96           †" in console  # no difference for the noted column
+    note = paper.PUBLISHED_NOTES[("table1", "instre", "G+DBA+DFS")]
+    assert f"† G+DBA+DFS: {note}" in console
+    md = tables.format_markdown(results)
+    assert "| Method | G+DBA | G+DBA+DFS† |" in md and f"† G+DBA+DFS: {note}" in md
+    # Paris6k's Baseline row, once missing, is now compared
+    paris = {**results, "dataset": "paris6k", "protocol": "classic"}
+    assert "  paper   64.71       90.17" in tables.format_table(paris)
+
+
+def test_result_files_get_the_users_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        paths = report.write(TABLE1, tmp_path / "out")
+    finally:
+        os.umask(old)
+    for path in paths.values():
+        assert os.stat(path).st_mode & 0o777 == 0o640, path

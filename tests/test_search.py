@@ -83,7 +83,8 @@ def test_blocking_bounds_the_similarity_block():
                     yield from shapes(param)
 
     all_shapes = list(shapes(jaxpr.jaxpr))
-    assert (q, k + block) in all_shapes  # the running merge is there
+    # the running merge is there (equal blocks: 16 blocks of 63 rows for N = 1000)
+    assert (q, k + 63) in all_shapes
     assert max(np.prod(s) for s in all_shapes if s and s[0] == q) <= q * (k + block)
 
 
@@ -128,7 +129,7 @@ def test_jit_and_bfloat16():
         (np.zeros((2, 4)), np.zeros((5, 3)), 1, r"queries \(2, 4\), database \(5, 3\)"),
         (np.zeros((0, 4)), np.zeros((5, 4)), 1, r"queries is empty.*\(0, 4\)"),
         (np.zeros((2, 4)), np.zeros((0, 4)), None, r"database is empty"),
-        (np.zeros((2, 4)), np.zeros((5, 4)), 6, r"k=6.*\(5, 4\).*N = 5"),
+        (np.zeros((2, 4)), np.zeros((5, 4)), 6, r"k=6 is out of range.*<= 5.*\(5, 4\) has N = 5"),
         (np.zeros((2, 4)), np.zeros((5, 4)), -1, r"k=-1"),
         (np.zeros(4), np.zeros((5, 4)), 1, r"queries must be a \[N, D\].*\(4,\)"),
         (np.zeros((2, 4), np.int32), np.zeros((5, 4)), 1, r"queries must be a float array"),
@@ -210,10 +211,97 @@ def test_self_topk_equals_masked_argsort(block_size):
 
 def test_self_topk_bad_input():
     x = np.ones((5, 3), np.float32)
-    with pytest.raises(ValueError, match=r"k=5 is out of range for database \(5, 3\).*<= 4"):
+    with pytest.raises(ValueError, match=r"k=5 is out of range.*<= 4.*database \(5, 3\)"):
         search.self_topk(x, 5)
     with pytest.raises(ValueError, match=r"database is empty"):
         search.self_topk(x[:0], 1)
     x[2, 2] = np.nan
     with pytest.raises(ValueError, match=r"database holds NaN or inf"):
         search.self_topk(x, 1)
+
+
+def _one_device_mesh():
+    from jretrieval import mesh as mesh_lib
+
+    return mesh_lib.make_mesh(jax.devices()[:1])
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_bad_arguments_same_message_with_and_without_mesh(on_mesh):
+    # The mesh path (shard_map, all_gather) with one shard: the checks run before placement,
+    # so the messages are the one-device ones (tests/test_distributed.py: on four devices).
+    kw = {"mesh": _one_device_mesh()} if on_mesh else {}
+    q, db = np.ones((2, 4), np.float32), np.ones((5, 4), np.float32)
+    with pytest.raises(ValueError, match=r"k=6 is out of range.*<= 5.*\(5, 4\) has N = 5"):
+        search.topk(q, db, 6, **kw)
+    with pytest.raises(ValueError, match=r"different descriptor sizes: queries \(2, 3\)"):
+        search.rank(q[:, :3], db, 2, **kw)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        search.topk(q, db, 2, block_size=0, **kw)
+    with pytest.raises(ValueError, match=r"k=5 is out of range.*<= 4.*own index excluded"):
+        search.self_topk(db, 5, **kw)
+    bad = db.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"database holds NaN or inf \(shape \(5, 4\).*\[3\]"):
+        search.topk(q, bad, 2, **kw)
+    with pytest.raises(ValueError, match=r"database holds NaN or inf \(shape \(5, 4\).*\[3\]"):
+        search.Index(bad, **kw)
+    with pytest.raises(ValueError, match=r"queries holds NaN or inf"):
+        search.Index(db, **kw).topk(bad, 2)
+
+
+def test_mesh_path_and_index_equal_the_reference():
+    rng = np.random.default_rng(21)
+    queries, database = _tie_free(rng, 4, 37, 8)
+    s, order = _reference(queries, database)
+    mesh = _one_device_mesh()
+    for kw in ({}, {"mesh": mesh}):
+        for block_size in (None, 5):
+            scores, idx = search.topk(queries, database, 9, block_size=block_size, **kw)
+            np.testing.assert_array_equal(np.asarray(idx), order[:, :9])
+            np.testing.assert_allclose(
+                np.asarray(scores), np.take_along_axis(s, order[:, :9], 1), atol=1e-5
+            )
+        np.testing.assert_array_equal(np.asarray(search.rank(queries, database, **kw)), order)
+        index = search.Index(database, block_size=6, **kw)
+        assert len(index) == 37
+        scores, ids = index.topk(queries, np.int64(5))  # any integer k (issue 9)
+        assert np.asarray(ids).dtype.kind == "i" and np.asarray(scores).shape == (4, 5)
+        np.testing.assert_array_equal(np.asarray(ids), order[:, :5])
+        np.testing.assert_array_equal(np.asarray(index.rank(queries)), order)
+        np.testing.assert_array_equal(np.asarray(index.rank(queries, 3)), order[:, :3])
+    # k as any integer type on the plain functions too
+    np.testing.assert_array_equal(
+        np.asarray(search.rank(queries, database, k=np.int64(5))), order[:, :5]
+    )
+
+
+def test_self_topk_on_a_mesh_and_self_first():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((19, 5)).astype(np.float32)
+    x[[4, 11]] = x[2]  # ties across blocks
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    s_excl = s.copy()
+    np.fill_diagonal(s_excl, -np.inf)
+    ref = np.argsort(-s_excl, axis=1, kind="stable")
+    mesh = _one_device_mesh()
+    si, ii = search.self_topk(x, 6, mesh=mesh, block_size=4, query_block=5)
+    np.testing.assert_array_equal(ii.to_numpy(), ref[:, :6])
+    np.testing.assert_allclose(si.to_numpy(), np.take_along_axis(s, ref[:, :6], 1), atol=1e-4)
+    # self_first: the own index first (scored +inf), then the nearest others
+    _, first = search.self_topk(x, 4, exclude_self=False, self_first=True, block_size=3)
+    np.testing.assert_array_equal(np.asarray(first)[:, 0], np.arange(19))
+    np.testing.assert_array_equal(np.asarray(first)[:, 1:], ref[:, :3])
+
+
+def test_repeated_calls_do_not_retrace():
+    rng = np.random.default_rng(2)
+    queries, database = _tie_free(rng, 3, 20, 4)
+    search.topk(queries, database, 3)
+    index = search.Index(database)
+    index.topk(queries, 3)
+    before = search._topk_impl._cache_size()
+    for _ in range(3):
+        search.topk(queries, database, 3)
+        index.topk(queries + 0.5, np.int32(3))
+    assert search._topk_impl._cache_size() == before

@@ -3,7 +3,7 @@
 ``cirtorch_learn``/``cirtorch_apply`` restate cirtorch ``utils/whiten.py`` (``pcawhitenlearn``,
 ``whitenapply``) in float64 with its D x N layout. Eigenvector signs are arbitrary, so the
 checks compare similarity matrices of whitened vectors, which do not depend on them.
-Tolerances: 1e-4 absolute on similarities in [-1, 1] (float32 eigendecomposition against
+Tolerances: 1e-4 absolute on similarities in [-1, 1] (float64 learning, float32 apply, against
 float64; the smallest eigenvalue kept is >= 1e-3 of the largest here), 1e-5 on eigenvalues
 relative to the largest.
 """
@@ -158,9 +158,12 @@ def test_jit():
     x = _data(rng, 60, 16)
     w = jax.jit(whitening.learn_pca)(x)
     eager = whitening.learn_pca(x)
-    np.testing.assert_allclose(np.asarray(w.eigenvalues), np.asarray(eager.eigenvalues), rtol=1e-6)
+    # traced: learned on the device in float32; eager: float64 on the host (the module docstring)
+    ev = np.asarray(eager.eigenvalues)
+    np.testing.assert_allclose(np.asarray(w.eigenvalues), ev, atol=1e-5 * ev[0])
     y = jax.jit(functools.partial(whitening.apply, dim=8))(w, x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(whitening.apply(eager, x, dim=8)), 1e-5)
+    ref = whitening.apply(eager, x, dim=8)
+    np.testing.assert_allclose(_sims(y), _sims(ref), atol=1e-4)
 
 
 def test_l2_normalize():
@@ -190,3 +193,34 @@ def test_bad_input():
         whitening.apply(w, np.full((2, 8), np.inf, np.float32))
     with pytest.raises(ValueError, match="inconsistent PCAWhitening"):
         whitening.apply(w._replace(eigenvalues=w.eigenvalues[:3]), x)
+
+
+def _ill_conditioned(rng, n, d, smallest=1e-6):
+    """Rows whose covariance eigenvalues fall geometrically from 1 to ``smallest`` (x 0.01)."""
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    spectrum = np.geomspace(1.0, smallest, d)
+    return ((rng.standard_normal((n, d)) * np.sqrt(spectrum)) @ basis.T * 0.1 + 0.05).astype(
+        np.float32
+    )
+
+
+def test_full_dimension_on_ill_conditioned_data_matches_float64():
+    # Full-dimension whitening (Table 3's "True dim." neighbours) where the smallest eigenvalue
+    # kept is ~1e-6 of the largest: learned in float64, applied in float32, the similarities
+    # match a float64 reference to 1e-5; a float32 eigendecomposition is off by ~0.1 here.
+    rng = np.random.default_rng(5)
+    x, test = _ill_conditioned(rng, 600, 64), _ill_conditioned(rng, 50, 64)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(0)
+    eigval, eigvec = np.linalg.eigh((x64 - mean).T @ (x64 - mean) / len(x))
+    assert 1e-7 < eigval[0] / eigval[-1] < 1e-5
+    ref = (test - mean) @ (eigvec / np.sqrt(eigval))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    w = whitening.learn_pca(x)
+    assert int(np.sum(np.asarray(w.eigenvalues) > 0)) == 64  # nothing projected out
+    got = whitening.apply(w, test)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(_sims(got), _sims(ref), atol=1e-5)
+    # The float32 learning this replaces (same code, device precision) misses by far more.
+    w32 = whitening._learn_impl(jax.numpy.asarray(x), rtol=0.0)
+    assert np.abs(_sims(whitening.apply(w32, test)) - _sims(ref)).max() > 1e-3

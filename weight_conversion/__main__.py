@@ -1,7 +1,10 @@
-"""CLI: ``python -m weight_conversion --src CHECKPOINT --out FILE.h5 [--format auto|...]``.
+"""CLI: ``python -m weight_conversion --src CHECKPOINT --out FILE.h5 [--format auto|...]
+[--allow-nonfinite]``.
 
 Shape convention: see ``weight_conversion`` (OIHW -> HWIO etc.). Exit status 0 on success, 1 with
-a one-paragraph reason on stderr when the checkpoint is refused (no output file is left).
+a one-paragraph reason on stderr when the checkpoint is refused (no output file is left): an
+``--out`` that is ``--src`` itself or a directory, weights holding NaN/inf (unless
+``--allow-nonfinite``), or a checkpoint that cannot be read or mapped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="the PyTorch checkpoint (.pth/.pt/.pth.tar)")
     p.add_argument("--out", required=True, help="the HDF5 file to write (e.g. converted/x.h5)")
     p.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="checkpoint layout")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert weights that hold NaN or infinity (refused by default)",
+    )
     return p
 
 
@@ -33,8 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.set_verbosity(logging.INFO)
     try:
-        meta = convert_file(args.src, args.out, format=args.format)
-    except (ValueError, FileNotFoundError) as err:
+        meta = convert_file(
+            args.src, args.out, format=args.format, allow_nonfinite=args.allow_nonfinite
+        )
+    except (ValueError, OSError) as err:  # refusals, missing files, unwritable --out
         sys.stderr.write(f"weight_conversion: error: {err}\n")
         return 1
     logging.info("%s -> %s (%s, sha256 %s)", args.src, args.out, meta["format"], meta["sha256"])

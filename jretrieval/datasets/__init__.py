@@ -37,7 +37,15 @@ from typing import Any, NamedTuple
 
 from absl import logging
 
-__all__ = ["DATASETS", "PROTOCOL", "Dataset", "find_missing", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "PROTOCOL",
+    "Dataset",
+    "check_query_boxes",
+    "find_missing",
+    "load_dataset",
+    "require_ground_truth",
+]
 
 #: the metrics protocol of each dataset (``jretrieval.metrics.PROTOCOLS``); ``None`` = no gnd.
 PROTOCOL: dict[str, str | None] = {
@@ -180,6 +188,45 @@ def _boxes(name: str, gnd: Sequence[dict[str, Any]]) -> list[tuple[float, float,
     return boxes
 
 
+def check_query_boxes(dataset: Dataset) -> None:
+    """Refuses a query whose box has no area inside its image, naming the query.
+
+    Reads only the image headers (``jretrieval.datasets.images.image_size``), so a broken ground
+    truth fails before any image is decoded. Headers that cannot be read are left to the
+    extraction (which raises, or skips them with ``skip_corrupt``).
+
+    Raises:
+      InvalidBoxError: naming the dataset, the query's index and file, its box and image size.
+    """
+    from jretrieval.datasets import images
+
+    if dataset.query_bbx is None:
+        return
+    for i, (path, box) in enumerate(zip(dataset.query_paths, dataset.query_bbx, strict=True)):
+        try:
+            width, height = images.image_size(path)
+        except (images.CorruptImageError, OSError):
+            continue
+        try:
+            images.clip_box(box, width, height, path=path)
+        except images.InvalidBoxError as err:
+            raise images.InvalidBoxError(
+                f"dataset {dataset.name!r}: query {i} ({os.path.basename(path)}): {err} "
+                f"(fix gnd[{i}]['bbx'] in the ground truth, or pass crop_queries=False)"
+            ) from None
+
+
+def require_ground_truth(dataset: Dataset) -> None:
+    """Raises ``ValueError`` unless ``dataset`` has queries and ground truth to evaluate."""
+    if dataset.query_paths and dataset.protocol is not None:
+        return
+    evaluable = sorted(k for k, v in PROTOCOL.items() if v is not None)
+    raise ValueError(
+        f"dataset {dataset.name!r} (root {dataset.root!r}) is database-only: it has no queries "
+        f"and no ground truth, so it cannot be evaluated; evaluation needs one of {evaluable}"
+    )
+
+
 def _load_instre(name: str, root: str, *, crop_queries: bool, check_files: bool) -> Dataset:
     """INSTRE with the split and ground truth of Iscen et al. (CVPR 2017)."""
     from jretrieval.datasets import groundtruth
@@ -278,7 +325,8 @@ def load_dataset(
       crop_queries: crop queries to their ``bbx`` (standard protocol); ``False`` gives
         ``query_bbx=None``.
       check_files: verify that every named image exists (``FileNotFoundError`` listing the
-        first missing ones and their count).
+        first missing ones and their count) and that every query box overlaps its image
+        (``check_query_boxes``; image headers only).
 
     Returns:
       The :class:`Dataset`.
@@ -300,6 +348,8 @@ def load_dataset(
         ds = ds._replace(db_paths=ds.db_paths + extra, n_distractors=len(extra))
     elif max_distractors is not None:
         raise ValueError("max_distractors is set but distractors=False")
+    if check_files:
+        check_query_boxes(ds)
     logging.info(
         "dataset %s: %d database images (%d distractors), %d queries",
         name,

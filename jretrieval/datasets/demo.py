@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageEnhance, ImageFilter
 
+from jretrieval.metrics import chance_map  # the formula lives with the metrics
 from jretrieval.progress import track
 
 __all__ = [
@@ -231,48 +232,6 @@ def _query_box(size: tuple[int, int], rng: np.random.Generator) -> list[float]:
         start = rng.uniform(0, extent - length)
         box.append((float(round(start)), float(round(start + length))))
     return [box[0][0], box[1][0], box[0][1], box[1][1]]
-
-
-def chance_map(gnd: Sequence[Mapping[str, Any]], num_database: int) -> float:
-    """Expected mAP (percent) of a uniformly random ranking, under the revisitop AP.
-
-    For a query with ``n`` positives among the ``M`` database images left after removing its
-    junk, the positive at rank ``r`` has on average ``(r - 1)(n - 1)/(M - 1)`` positives above
-    it, so the usual (non-interpolated) AP has expectation
-    ``E0 = (H_M + (n - 1)/(M - 1) * (M - H_M)) / M`` (``H_M`` the harmonic number), and
-    revisitop's trapezoidal AP, the mean of the precisions just before and at each positive,
-    ``(E0 + n / M) / 2``. Queries without positives are skipped, as in ``compute_map``.
-
-    Args:
-      gnd: ``Q`` dicts with ``ok`` (and optional ``junk``) index arrays (classic protocol).
-      num_database: ``N``, the number of database images.
-
-    Returns:
-      The mean over queries, in percent.
-    """
-    if num_database < 1:
-        raise ValueError(f"num_database must be positive; got {num_database}")
-    values = []
-    for i, entry in enumerate(gnd):
-        if "ok" not in entry:
-            raise ValueError(f"gnd[{i}] has no 'ok' (keys {sorted(entry)}); expected classic gnd")
-        ok = np.unique(np.asarray(entry["ok"], dtype=np.int64).reshape(-1))
-        junk = np.unique(np.asarray(entry.get("junk", []), dtype=np.int64).reshape(-1))
-        junk = np.setdiff1d(junk, ok)
-        if ((ok < 0) | (ok >= num_database)).any() or ((junk < 0) | (junk >= num_database)).any():
-            raise ValueError(f"gnd[{i}] holds indices outside 0..{num_database - 1}")
-        n, m = ok.size, num_database - junk.size
-        if n == 0:
-            continue
-        if m == 1:
-            values.append(1.0)
-            continue
-        harmonic = float(np.sum(1.0 / np.arange(1, m + 1)))
-        e0 = (harmonic + (n - 1) / (m - 1) * (m - harmonic)) / m
-        values.append((e0 + n / m) / 2)
-    if not values:
-        raise ValueError("no query has positives; chance mAP is undefined")
-    return 100.0 * float(np.mean(values))
 
 
 def _params(

@@ -176,6 +176,32 @@ def _indices(value: Any, *, key: str, query: int, n: int, path: str, offset: int
     return a
 
 
+def _check_disjoint(lists: Mapping[str, np.ndarray], *, query: int, path: str, offset: int):
+    """Refuses an index listed twice in one list, or in two lists, of one query.
+
+    A positive that is also junk (or easy and hard at once) has no defined place in the
+    revisitop protocol, and a repeated positive would be counted twice by the metrics.
+    """
+    base = "1-based " if offset else ""
+    for key, a in lists.items():
+        values, counts = np.unique(a, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(
+                f"{path}: gnd[{query}][{key!r}] lists {base}index "
+                f"{int(values[counts > 1][0]) + offset} {int(counts.max())} times; expected "
+                "each database image at most once per query"
+            )
+    keys = [k for k in ("ok", "easy", "hard", "junk") if k in lists]
+    for n, first in enumerate(keys):
+        for second in keys[n + 1 :]:
+            both = np.intersect1d(lists[first], lists[second])
+            if both.size:
+                raise ValueError(
+                    f"{path}: gnd[{query}] lists {base}index {int(both[0]) + offset} in both "
+                    f"{first!r} and {second!r} ({both.size} shared); expected disjoint lists"
+                )
+
+
 def _bbx(value: Any, *, query: int, path: str) -> tuple[float, float, float, float] | None:
     if value is None:
         return None
@@ -229,6 +255,7 @@ def _normalise(
                     entry[key], key=key, query=i, n=len(imlist), path=path, offset=offset
                 )
         clean.setdefault("junk", np.zeros(0, np.int64))
+        _check_disjoint(clean, query=i, path=path, offset=offset)
         clean["bbx"] = _bbx(entry.get("bbx"), query=i, path=path)
         out.append(clean)
     return GroundTruth(imlist, qimlist, out)

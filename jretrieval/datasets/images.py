@@ -16,6 +16,11 @@ Resize policies (``ResizePolicy``):
   database images (cirtorch ``ImagesFromList``). ``target_size`` computes the result from the
   image header alone, which lets ``plan_batches`` bucket images by shape before decoding them.
 
+Decoding (``jretrieval.datasets.decoding``, re-exported here): 16-bit and float images are
+scaled to 8 bits, query boxes clipped to the image (``InvalidBoxError`` when nothing is left),
+images beyond ``set_max_pixels`` refused (``ImageTooLargeError``); both are subclasses of
+``CorruptImageError``, which ``skip_corrupt=True`` skips.
+
 Bucketing: ``plan_batches`` groups the images by output shape (in order of first appearance) and
 cuts each group into batches of at most ``batch_size``, so every shape is compiled once per
 batch size (and the fixed policy yields consecutive chunks of the list). The plan is a
@@ -34,25 +39,39 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
+from jretrieval.datasets.decoding import (
+    DEFAULT_MAX_PIXELS,
+    CorruptImageError,
+    ImageTooLargeError,
+    InvalidBoxError,
+    clip_box,
+    get_max_pixels,
+    open_image,
+    set_max_pixels,
+    to_rgb8,
+)
+
 __all__ = [
     "Batch",
     "CorruptImageError",
+    "DEFAULT_MAX_PIXELS",
+    "ImageTooLargeError",
+    "InvalidBoxError",
     "ResizePolicy",
     "as_policy",
     "image_size",
     "iterate_batches",
+    "clip_box",
+    "get_max_pixels",
     "load_image",
     "plan_batches",
+    "set_max_pixels",
     "target_size",
 ]
 
 Box = tuple[float, float, float, float]
 
 MODES = ("fixed", "max_side")
-
-
-class CorruptImageError(ValueError):
-    """An image file that cannot be opened or decoded; the message names the file."""
 
 
 class ResizePolicy(NamedTuple):
@@ -88,16 +107,6 @@ def as_policy(policy: ResizePolicy | Mapping[str, Any]) -> ResizePolicy:
     return ResizePolicy(policy.mode, int(policy.size))
 
 
-def _crop_box(bbx: Sequence[float], width: int, height: int, path: str) -> tuple[int, ...]:
-    """Pillow's rounding of a crop box ``(x1, y1, x2, y2)``, validated."""
-    if len(bbx) != 4:
-        raise ValueError(f"{path}: bbx={tuple(bbx)!r}; expected (x1, y1, x2, y2)")
-    x1, y1, x2, y2 = (int(round(float(v))) for v in bbx)
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(f"{path}: bbx={tuple(bbx)!r} is empty; expected x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
-
-
 def _thumbnail_size(width: int, height: int, limit: float) -> tuple[int, int]:
     """``PIL.Image.thumbnail((limit, limit))``'s output size (Pillow >= 10 rounding)."""
     x = y = math.floor(limit)
@@ -122,7 +131,7 @@ def target_size(
     policy = as_policy(policy)
     crop_w, crop_h = width, height
     if bbx is not None:
-        x1, y1, x2, y2 = _crop_box(bbx, width, height, "image")
+        x1, y1, x2, y2 = clip_box(bbx, width, height)
         crop_w, crop_h = x2 - x1, y2 - y1
     if policy.mode == "fixed":
         return policy.size, policy.size
@@ -130,19 +139,11 @@ def target_size(
     return _thumbnail_size(crop_w, crop_h, limit)
 
 
-def _open(path: str) -> Image.Image:
-    try:
-        return Image.open(path)
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError) as err:  # Pillow's "cannot identify" etc.
-        raise CorruptImageError(f"cannot open image {path}: {err}") from err
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(width, height)`` from the header only (no decoding)."""
+def image_size(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` from the header only (no decoding); ``ImageTooLargeError`` beyond
+    ``max_pixels`` (default: the ``set_max_pixels`` limit)."""
     path = os.fspath(path)
-    with _open(path) as img:
+    with open_image(path, max_pixels) as img:
         return img.size
 
 
@@ -151,33 +152,39 @@ def load_image(
     *,
     bbx: Sequence[float] | None = None,
     policy: ResizePolicy | Mapping[str, Any],
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Decodes, crops and resizes one image.
 
     Args:
       path: image file.
       bbx: optional crop box ``(x1, y1, x2, y2)`` in pixels (``PIL.Image.crop``: coordinates
-        rounded, right/bottom exclusive) applied before resizing.
+        rounded, right/bottom exclusive), clipped to the image, applied before resizing.
       policy: a ``ResizePolicy`` or ``{"mode", "size"}``.
+      max_pixels: refuse larger images (default: the ``set_max_pixels`` limit).
 
     Returns:
-      ``np.uint8 [H, W, 3]`` RGB with ``(W, H) == target_size(...)``.
+      ``np.uint8 [H, W, 3]`` RGB with ``(W, H) == target_size(...)``; 16-bit and float images
+      scaled to 8 bits (module docstring).
 
     Raises:
       FileNotFoundError: the file does not exist.
-      CorruptImageError: the file cannot be decoded (the message names it).
+      CorruptImageError: the file cannot be decoded (the message names it); its subclasses
+        ``InvalidBoxError`` (``bbx`` has no area inside the image) and ``ImageTooLargeError``
+        (more than ``max_pixels`` pixels). Both are raised before any pixel is decoded.
     """
     path = os.fspath(path)
     policy = as_policy(policy)
-    with _open(path) as raw:
+    with open_image(path, max_pixels) as raw:
+        full_w, full_h = raw.size
+        crop = None if bbx is None else clip_box(bbx, full_w, full_h, path=path)
         try:
-            img = raw.convert("RGB")  # decodes the whole file
+            img = to_rgb8(raw)  # decodes the whole file
         except (OSError, SyntaxError, ValueError) as err:
             raise CorruptImageError(f"cannot decode image {path}: {err}") from err
-    full_w, full_h = img.size
-    size = target_size(full_w, full_h, bbx=bbx, policy=policy)
-    if bbx is not None:
-        img = img.crop(_crop_box(bbx, full_w, full_h, path))
+    size = target_size(full_w, full_h, bbx=crop, policy=policy)
+    if crop is not None:
+        img = img.crop(crop)
     if img.size != size:
         resample = Image.Resampling.BILINEAR
         if policy.mode == "max_side":
@@ -225,13 +232,10 @@ def plan_batches(
         else:
             try:
                 width, height = sizes[i] if sizes is not None else image_size(path)
-            except CorruptImageError:
-                width, height = -1, -1  # its own group; load_image raises (or skips) later
-            if width < 0:
-                shape = (-1, -1)
-            else:
                 w, h = target_size(width, height, bbx=box, policy=policy)
                 shape = (h, w)
+            except CorruptImageError:  # bad header or box: load_image raises (or skips) later
+                shape = (-1, -1)
         groups.setdefault(shape, []).append(i)
     plan = []
     for shape, members in groups.items():

@@ -9,15 +9,16 @@ attrs: format = "jretrieval-encoder", format_version = 1,
        name, depth, width, source, sha256      (copies for h5dump / h5ls users, when known)
 ```
 
-Writes are atomic: a temporary file in the target folder, then ``os.replace``; nothing is left
-behind on failure.
+Writes are atomic: a temporary file (``.tmp-*.h5``) in the target folder, then ``os.replace``;
+nothing is left behind on failure. Files are created with the user's umask (0644 under 022).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,8 @@ import numpy as np
 
 FORMAT = "jretrieval-encoder"
 FORMAT_VERSION = 1
+
+_CHUNK = 1 << 20
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,6 +53,21 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+def _create_temporary(folder: str) -> str:
+    """A new empty ``.tmp-*.h5`` file in ``folder``, created with the user's umask.
+
+    ``tempfile.mkstemp`` would create it 0600, and ``os.replace`` keeps that mode, so converted
+    and BN files were unreadable to the group; ``os.open(..., 0o666)`` lets the umask decide.
+    """
+    while True:
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}.h5")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - a 48-bit name collision
+            continue
 
 
 def save(
@@ -86,8 +104,7 @@ def save(
     for key in ("source", "sha256"):
         if key in metadata:
             attrs[key] = metadata[key]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".h5")
-    os.close(fd)
+    tmp = _create_temporary(folder)
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(attrs)
@@ -101,6 +118,57 @@ def save(
         raise
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open(path: str) -> h5py.File:
+    """The encoder file open for reading, its format checked; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder file {path!r} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"encoder file {path!r} is not a readable HDF5 file: {err}") from err
+    if f.attrs.get("format") != FORMAT or "variables" not in f:
+        found = f.attrs.get("format")
+        f.close()
+        raise ValueError(
+            f"{path!r} is not a {FORMAT} file (attribute format={found!r}); "
+            "convert checkpoints with `python -m weight_conversion`"
+        )
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        f.close()
+        raise ValueError(f"{path!r} has format_version {version}; expected {FORMAT_VERSION}")
+    return f
+
+
+def _json_attr(f: h5py.File, key: str, path: str) -> dict:
+    try:
+        value = json.loads(f.attrs[key])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path!r}: attribute {key!r} is missing or not JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path!r}: attribute {key!r} is {value!r}; expected a JSON object")
+    return value
+
+
+def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``architecture`` an encoder file states, from its attributes only (no weights read).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file, as ``read`` does.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        return _json_attr(f, "architecture", path)
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
     """Reads an encoder file; returns ``(architecture, variables, preprocessing, metadata)``.
 
@@ -108,21 +176,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
     naming the file when it is missing, not HDF5, or not an encoder file.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"encoder file {path!r} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"encoder file {path!r} is not a readable HDF5 file: {err}") from err
-    with f:
-        if f.attrs.get("format") != FORMAT or "variables" not in f:
-            raise ValueError(
-                f"{path!r} is not a {FORMAT} file (attribute format={f.attrs.get('format')!r}); "
-                "convert checkpoints with `python -m weight_conversion`"
-            )
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path!r} has format_version {version}; expected {FORMAT_VERSION}")
+    with _open(path) as f:
         flat: dict[str, np.ndarray] = {}
 
         def visit(name: str, obj: Any) -> None:
@@ -130,7 +184,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict, dict, dict]:
                 flat[name] = obj[()]
 
         f["variables"].visititems(visit)
-        architecture = json.loads(f.attrs["architecture"])
-        preprocessing = json.loads(f.attrs["preprocessing"])
-        metadata = json.loads(f.attrs["metadata"])
+        architecture = _json_attr(f, "architecture", path)
+        preprocessing = _json_attr(f, "preprocessing", path)
+        metadata = _json_attr(f, "metadata", path)
     return architecture, unflatten(flat), preprocessing, metadata
