@@ -2,43 +2,53 @@
 
 Run from the repo root, preferably when the machine is otherwise idle (``uptime``):
 
-    python -m bench.extract                       # main: about 10 min on 2 cores
-    python -m bench.extract --parts=variants      # XLA CPU compiler options, about 5 min
+    python -m bench.extract                       # main: about 15 min on 2 cores
+    python -m bench.extract --parts=variants --batch-sizes=4   # the candidates, about 25 min
+    python -m bench.extract --parts=layers        # bfloat16 error per layer, 3 encoders
     python -m bench.extract --parts=demo          # mAP float32 vs bfloat16 on the demo set
     python -m bench.extract --parts=accuracy      # the same, end to end through the runner
 
 Shape convention: images ``uint8 [B, H, W, 3]`` (NHWC) for jretrieval, which normalises them
 inside its jitted step exactly as extraction does (``jretrieval.steps.make_step``: ``/255``,
-mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``, compiled with
-``xla_cpu.CPU_COMPILER_OPTIONS``); PyTorch gets a float32 ``[B, 3, H, W]`` tensor already
-normalised and runs the encoder alone (no pooling), which favours the reference.
+mean/std, ResNet-50 in inference mode, R-MAC L=3 -> ``[B, 2048]``); PyTorch gets a float32
+``[B, 3, H, W]`` tensor already normalised and runs the encoder alone (no pooling), which
+favours the reference.
 
 ``main`` times, in this one process with interleaved rounds (every configuration once per
-round, the order rotated each round) so that load from other processes hits all alike:
+round, the order rotated each round, ``bench.harness.call_ms`` for each call) so that load from
+other processes hits all alike:
 
-- ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as a trained one) in
-  float32 and in bfloat16 (``Encoder.with_dtype("bfloat16")``: convs in bfloat16, parameters
-  and BN statistics float32, R-MAC in float32), one jitted call per batch; XLA uses all cores.
+- ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as a trained one)
+  compiled as each ``JRETRIEVAL`` variant says: float32 with lax convolutions, bfloat16 with
+  convolutions as im2col + dot (``Encoder.with_dtype("bfloat16")``'s CPU default: parameters
+  float32, convs in bfloat16, R-MAC in float32), both with BN folded into the convs
+  (``models.fold_batch_norm``, as after recalibration) and the XLA CPU options given there
+  (passed explicitly, whatever ``jretrieval``'s defaults are); one jitted call per batch, the
+  variables passed as arguments; XLA uses all cores.
 - ``pytorch``: ``references.torch_resnet.torch_resnet(50)`` (torchvision layout), ``eval()``,
-  ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``, default contiguous NCHW and
-  ``channels_last``, float32 and bfloat16 (module and input cast with ``.to``); plus float32
-  on one thread, because OpenMP's barriers stall when other processes hold a core. The ratio
-  column divides by the fastest PyTorch float32 row at the same batch size.
+  ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``: float32 contiguous NCHW and
+  ``channels_last``, bfloat16 ``channels_last`` (module and input cast with ``.to``), float32
+  on one thread (OpenMP's barriers stall when other processes hold a core). Ratios divide by
+  the fastest PyTorch float32 row and by PyTorch bfloat16 channels_last, same batch size.
 
 Each figure is the batch size over the median (and, "best", the minimum) of ``--repeats``
 rounds; the first two calls of each configuration (compilation, oneDNN primitive creation) are
-excluded. The load average before and after is recorded. ``--parts=variants`` compares XLA CPU
-compiler options (``XLA_VARIANTS``) the same way; ``--parts=demo`` measures mAP on the offline
-demo set (``demo_accuracy``); ``--parts=accuracy`` runs that demo through the experiment runner
-with ``extraction.dtype`` float32 and bfloat16 and checks ``ACCURACY_TARGET`` (``demo_dtypes``).
-Results are printed and written to ``docs/bench_extract.md`` between per-part markers (the
-hand-written notes around them are kept).
+excluded; the 1-min load average is given per row and before/after each part.
+``--parts=variants`` times the candidates (``VARIANTS``: layouts, BN folding, XLA options) the
+same way, PyTorch beside; ``--parts=layers`` measures bfloat16's descriptor cosine and relative
+error per layer against float32 for ResNet-50, SimCLR 2x width and AMDIM, BN statistics as
+initialised and recalibrated on demo images (``layer_errors``); ``--parts=demo`` measures mAP on
+the offline demo set (``demo_accuracy``); ``--parts=accuracy`` runs that demo through the
+experiment runner with ``extraction.dtype`` float32 and bfloat16 and checks ``ACCURACY_TARGET``
+(``demo_dtypes``). Results are printed and written to ``docs/bench_extract.md`` between
+per-part markers (the hand-written notes around them are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -52,23 +62,58 @@ from typing import Any
 import numpy as np
 
 DOC = "docs/bench_extract.md"
-#: XLA CPU compiler options compared by ``--parts=variants`` (``jax.jit(step).lower(x).compile(
-#: compiler_options=...)``, the per-executable form of ``XLA_FLAGS``), in the same interleaved
-#: rounds. jax 0.10's XLA CPU lowers convolutions to YNNPACK fusions by default;
-#: ``xla_cpu_experimental_ynn_fusion_type=""`` turns that off (XLA's Eigen convolutions, 1x1
-#: convolutions rewritten as dots): jretrieval's ``xla_cpu.CPU_COMPILER_OPTIONS``.
-#: ``LIBRARY_FUSION_TYPE_ELTWISE`` lets YNNPACK take whole conv + BN + ReLU (+ residual)
-#: subgraphs (its first call builds them for about a minute at 724 px).
+#: XLA CPU compiler options (``jax.jit(fn).lower(...).compile(compiler_options=...)``, the
+#: per-executable form of ``XLA_FLAGS``). jax 0.10's XLA CPU lowers convolutions to YNNPACK
+#: fusions by default; ``xla_cpu_experimental_ynn_fusion_type=""`` turns every YNNPACK fusion
+#: off (Eigen convolutions, 1x1 convolutions rewritten as dots): ``xla_cpu.CPU_COMPILER_OPTIONS``
+#: (``EIGEN``). ``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`` hands each dot (and nothing
+#: else) to YNNPACK, whose GEMMs use the AVX512-BF16 instructions: with convolutions written as
+#: im2col + dot (``conv_dot``) that is what reaches the bfloat16 units (``YNN_DOTS``).
 YNN = "xla_cpu_experimental_ynn_fusion_type"
-XLA_VARIANTS: dict[str, dict[str, Any]] = {
-    "XLA defaults (YNNPACK convolutions)": {},
-    f'{YNN}="" (Eigen convolutions; jretrieval on CPU)': {YNN: ""},
-    f"{YNN}=LIBRARY_FUSION_TYPE_ELTWISE": {YNN: "LIBRARY_FUSION_TYPE_ELTWISE"},
-    "xla_cpu_enable_fast_math=true": {"xla_cpu_enable_fast_math": True},
-    "xla_cpu_use_onednn=true": {"xla_cpu_use_onednn": True},
-}
+ONEDNN = "xla_cpu_experimental_onednn_fusion_type"
+DOT = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+EIGEN: dict[str, Any] = {YNN: ""}
+YNN_DOTS: dict[str, Any] = {YNN: DOT}
 #: ``--parts=accuracy``'s target: every figure with bfloat16 within this many points of float32.
 ACCURACY_TARGET = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of compiling jretrieval's extraction step (ResNet-50 + R-MAC).
+
+    ``conv_dot``: convolutions as im2col + dot (``models.convdot``); ``fold``: BatchNorm folded
+    into the convs (``models.fold``); ``options``: XLA CPU compiler options; ``per_image``: the
+    batch runs as ``lax.map`` over single images inside the one jitted call.
+    """
+
+    name: str
+    dtype: str
+    conv_dot: bool
+    fold: bool
+    options: dict[str, Any]
+    per_image: bool = False
+
+
+#: what ``--parts=main`` times for jretrieval: the winners of ``--parts=variants``.
+JRETRIEVAL = (
+    Variant("lax convs, BN folded, YNNPACK dots", "float32", False, True, YNN_DOTS),
+    Variant("lax convs, BN folded, Eigen", "float32", False, True, EIGEN),
+    Variant("im2col + dot, BN folded, YNNPACK dots", "bfloat16", True, True, YNN_DOTS),
+)
+#: the candidates ``--parts=variants`` compares (same interleaved rounds, PyTorch beside).
+VARIANTS = (
+    Variant("lax convs, Eigen (before issue 12)", "float32", False, False, EIGEN),
+    JRETRIEVAL[0],
+    Variant("im2col + dot, BN folded, YNNPACK dots", "float32", True, True, YNN_DOTS),
+    Variant("lax convs, Eigen (before issue 12)", "bfloat16", False, False, EIGEN),
+    JRETRIEVAL[2],
+    Variant("im2col + dot, BN not folded, YNNPACK dots", "bfloat16", True, False, YNN_DOTS),
+    Variant("im2col + dot, BN folded, oneDNN dots", "bfloat16", True, True, {**EIGEN, ONEDNN: DOT}),
+    Variant(
+        "im2col + dot, BN folded, YNNPACK dots, per image", "bfloat16", True, True, YNN_DOTS, True
+    ),
+)
 
 
 def cores() -> int:
@@ -100,20 +145,28 @@ def _encoder() -> Any:
     return models.init_encoder({"name": "resnet", "depth": 50, "width": 1}, seed=0)
 
 
-def jretrieval_step(
-    dtype: str, x: np.ndarray, options: dict[str, Any] | None = None
-) -> Callable[[np.ndarray], Any]:
-    """The extraction step of a random ResNet-50 (``uint8 [B,H,W,3] -> [B,2048]``) in ``dtype``,
-    compiled for ``x``'s shape with XLA ``options`` (``None``: plain jit, the default flags)."""
+def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], Any]:
+    """The extraction step (``jretrieval.extract.make_step``: ``uint8 [B,H,W,3] -> [B,2048]``,
+    R-MAC L=3) of a random ResNet-50 built and compiled as ``variant`` says, for ``x``'s shape.
+    The variables are arguments of the executable (not constants XLA could fold)."""
     import jax
 
+    from jretrieval.models.fold import fold_batch_norm
     from jretrieval.steps import Pooling, make_step
 
-    encoder = _encoder().with_dtype(dtype)
-    step = make_step(encoder, Pooling.of("rmac", {"levels": 3}))
-    if options is not None:
-        step = jax.jit(step).lower(x).compile(compiler_options=options)
-    return lambda images: step(images).block_until_ready()
+    encoder = _encoder()
+    if variant.fold:
+        encoder = fold_batch_norm(encoder)
+    encoder = encoder.with_dtype(variant.dtype, conv_dot=variant.conv_dot)
+
+    def describe(variables: Any, images: Any) -> Any:
+        step = make_step(encoder.replace(variables=variables), Pooling.of("rmac", {"levels": 3}))
+        if variant.per_image:
+            return jax.lax.map(lambda image: step(image[None])[0], images)
+        return step(images)
+
+    compiled = jax.jit(describe).lower(encoder.variables, x).compile(variant.options)
+    return lambda images: jax.block_until_ready(compiled(encoder.variables, images))
 
 
 def torch_step(
@@ -148,9 +201,13 @@ def torch_step(
 def run_rounds(
     configs: list[tuple[dict, Callable]], x: np.ndarray, repeats: int, warmup: int = 2
 ) -> list[dict]:
-    """Times every ``(info, fn)`` on ``x``: ``warmup`` calls each, then ``repeats`` rounds that
-    call every configuration once (order rotated each round). Adds ``seconds``,
-    ``images_per_s`` (batch / median) and ``best_images_per_s`` (batch / minimum) to ``info``."""
+    """Times every ``(info, fn)`` on ``x`` with ``harness.call_ms`` (a pause before each call, so
+    one library's spinning threads do not slow the next): ``warmup`` calls each, then
+    ``repeats`` rounds that call every configuration once (order rotated each round). Adds
+    ``seconds``, ``images_per_s`` (batch / median), ``best_images_per_s`` (batch / minimum) and
+    ``load`` (1-min load average, mean over the rounds) to ``info``."""
+    from bench import harness
+
     times: list[list[float]] = [[] for _ in configs]
     for info, fn in configs:
         start = time.perf_counter()
@@ -158,14 +215,15 @@ def run_rounds(
             fn(x)
         info["warmup_s"] = time.perf_counter() - start
         print(f"  warm-up {info}: {info['warmup_s']:.1f}s", flush=True)
+    loads = []
     for r in range(repeats):
         order = list(range(len(configs)))
         order = order[r % len(order) :] + order[: r % len(order)]
         for i in order:
-            start = time.perf_counter()
-            configs[i][1](x)
-            times[i].append(time.perf_counter() - start)
-        print(f"  round {r + 1}/{repeats}, load {os.getloadavg()[0]:.2f}", flush=True)
+            ms, _ = harness.call_ms(lambda fn=configs[i][1]: fn(x))
+            times[i].append(ms / 1e3)
+        loads.append(os.getloadavg()[0])
+        print(f"  round {r + 1}/{repeats}, load {loads[-1]:.2f}", flush=True)
     batch = len(x)
     return [
         {
@@ -174,52 +232,52 @@ def run_rounds(
             "seconds": ts,
             "images_per_s": batch / statistics.median(ts),
             "best_images_per_s": batch / min(ts),
+            "load": statistics.mean(loads),
         }
         for (info, _), ts in zip(configs, times, strict=True)
     ]
 
 
-def measure(batch_sizes: list[int], size: int, repeats: int) -> list[dict]:
-    """Images/s of jretrieval and PyTorch, float32 and bfloat16, at each batch size."""
+def torch_configs(batch: int, size: int) -> list[tuple[dict, Callable]]:
+    """PyTorch float32 (contiguous, channels_last, and one thread) and bfloat16 channels_last."""
+    configs = []
+    for dtype, layout in (
+        ("float32", "contiguous"),
+        ("float32", "channels_last"),
+        ("bfloat16", "channels_last"),
+    ):
+        info = {"framework": "pytorch", "variant": layout, "dtype": dtype}
+        configs.append((info, torch_step(dtype, layout, batch, size, cores())))
+    if cores() > 1:  # OpenMP threads stall when other processes hold a core
+        info = {"framework": "pytorch", "variant": "contiguous, 1 thread", "dtype": "float32"}
+        configs.append((info, torch_step("float32", "contiguous", batch, size, 1)))
+    return configs
+
+
+def measure(
+    batch_sizes: list[int], size: int, repeats: int, variants: tuple[Variant, ...] = JRETRIEVAL
+) -> list[dict]:
+    """Images/s of jretrieval ``variants`` and PyTorch (``torch_configs``) at each batch size,
+    all in the same interleaved rounds; ``compile_s`` is each variant's lowering + compile."""
     import jax
 
+    _encoder()  # initialised outside the compile timings
     rows = []
     for batch in batch_sizes:
         x = images(batch, size)
         configs: list[tuple[dict, Callable]] = []
-        for dtype in ("float32", "bfloat16"):
-            info = {"framework": "jretrieval", "dtype": dtype, "layout": "NHWC (XLA)"}
-            configs.append((info, jretrieval_step(dtype, x)))
-            for layout in ("contiguous", "channels_last"):
-                info = {"framework": "pytorch", "dtype": dtype, "layout": layout}
-                configs.append((info, torch_step(dtype, layout, batch, size, cores())))
-        if cores() > 1:  # OpenMP threads stall when other processes hold a core
-            info = {"framework": "pytorch", "dtype": "float32", "layout": "contiguous, 1 thread"}
-            configs.append((info, torch_step("float32", "contiguous", batch, size, 1)))
+        for variant in variants:
+            start = time.perf_counter()
+            fn = jretrieval_step(variant, x)
+            info = {"framework": "jretrieval", "variant": variant.name, "dtype": variant.dtype}
+            info["compile_s"] = time.perf_counter() - start
+            print(f"  compiled {info}", flush=True)
+            configs.append((info, fn))
+        configs += torch_configs(batch, size)
         rows += run_rounds(configs, x, repeats)
         del configs
         jax.clear_caches()
-    return rows
-
-
-def xla_variants(batch: int, size: int, repeats: int) -> list[dict]:
-    """jretrieval float32 and bfloat16 under each of ``XLA_VARIANTS``, interleaved."""
-    x = images(batch, size)
-    configs = []
-    _encoder()  # initialised outside the compile timings
-    for dtype in ("float32", "bfloat16"):
-        for name, options in XLA_VARIANTS.items():
-            start = time.perf_counter()
-            fn = jretrieval_step(dtype, x, options)
-            compile_s = time.perf_counter() - start
-            configs.append(({"variant": name, "dtype": dtype, "compile_s": compile_s}, fn))
-    rows = run_rounds(configs, x, repeats)
-    for row in rows:
-        base = next(
-            r for r in rows if r["dtype"] == "float32" and r["variant"] == next(iter(XLA_VARIANTS))
-        )
-        row["ratio"] = row["images_per_s"] / base["images_per_s"]
-    return rows
+    return with_ratios(rows)
 
 
 def _noisy_loader(seed: int) -> Callable[..., np.ndarray]:
@@ -252,6 +310,118 @@ def _stage_errors(encoder: Any, paths: list[str], policy: Any) -> dict[str, floa
         out[dtype] = {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in stages.items()}
     a, b = out["float32"], out["bfloat16"]
     return {k: float(np.linalg.norm(b[k] - a[k]) / np.linalg.norm(a[k])) for k in a}
+
+
+#: encoders of ``--parts=layers`` (random Flax init). AMDIM at a quarter of AMDIM-Medium's width
+#: and depth (ndf 256, n_rkhs 2048, depth 10 in the release), with the release's ``use_bn=False``
+#: (BN only at layer 9), to fit the 2-core machine; the layer layout is the released one.
+LAYER_ENCODERS = {
+    "ResNet-50": {"name": "resnet", "depth": 50},
+    "SimCLR 2x width (ResNet-50, width 2)": {"name": "resnet", "depth": 50, "width": 2},
+    "AMDIM (ndf 64, n_rkhs 512, depth 3)": {
+        "name": "amdim",
+        "ndf": 64,
+        "n_rkhs": 512,
+        "n_depth": 3,
+    },
+}
+
+
+def _demo_images(workdir: str, count: int) -> np.ndarray:
+    """``count`` demo database images (``configs/demo.py``'s set and resize policy, 362 px),
+    cropped to their common top-left size so that they stack: ``uint8 [count, h, w, 3]``."""
+    from configs import demo
+    from jretrieval import experiment
+    from jretrieval.datasets import images as images_lib
+
+    config = demo.get_config()
+    config.workdir = workdir
+    config.data.root = os.path.join(workdir, "data")
+    dataset = experiment.load_data(config)
+    policy = images_lib.as_policy(dict(config.extraction.policy))
+    if len(dataset.db_paths) < count:
+        raise ValueError(f"demo set has {len(dataset.db_paths)} database images; need {count}")
+    imgs = [images_lib.load_image(p, policy=policy) for p in dataset.db_paths[:count]]
+    h = min(im.shape[0] for im in imgs)
+    w = min(im.shape[1] for im in imgs)
+    return np.stack([im[:h, :w] for im in imgs])
+
+
+def layer_errors(workdir: str, calibration: int = 16, evaluation: int = 8) -> list[dict]:
+    """bfloat16 against float32 for each of ``LAYER_ENCODERS``, BN statistics as initialised
+    (mean 0, var 1: a tame network) and recalibrated ("exact", on ``calibration`` demo images).
+
+    float32 is the plain module (lax convolutions, BN unfolded); compared with it: float32 with
+    BN folded, and the bfloat16 extraction path (BN folded, ``with_dtype("bfloat16")``: im2col +
+    dot on CPU). Per row: relative L2 error ``||x - f32|| / ||f32||`` of every stage output, and
+    the cosine of R-MAC (L=3) descriptors of the feature map to float32's, on ``evaluation``
+    other demo images."""
+    import jax
+    import jax.numpy as jnp
+
+    from jretrieval import models, pooling
+    from jretrieval.models.fold import fold_batch_norm
+    from jretrieval.recalibration import recalibrate_bn
+    from jretrieval.steps import normalise
+
+    imgs = _demo_images(workdir, calibration + evaluation)
+    calib, test = imgs[:calibration], imgs[calibration:]
+
+    @functools.partial(jax.jit, static_argnames="module")
+    def forward(module: Any, variables: Any, x: Any) -> Any:
+        fmap, stages = module.apply(variables, x, train=False)
+        stages = {k: v.astype(jnp.float32) for k, v in stages.items()}
+        return pooling.rmac(fmap.astype(jnp.float32), levels=3), stages
+
+    rows = []
+    for name, architecture in LAYER_ENCODERS.items():
+        base = models.init_encoder(architecture, seed=0)
+        x = normalise(test, base.preprocessing["mean"], base.preprocessing["std"])
+        for bn in ("initialised", "recalibrated"):
+            encoder = base
+            if bn == "recalibrated":
+                encoder = recalibrate_bn(base, [calib[i : i + 4] for i in range(0, len(calib), 4)])
+            folded = fold_batch_norm(encoder)
+            ref_desc, ref = forward(encoder.module, encoder.variables, x)
+            ref_desc = np.asarray(ref_desc, np.float64)
+            for variant, enc in (
+                ("float32, BN folded", folded),
+                ("bfloat16 (extraction path)", folded.with_dtype("bfloat16")),
+            ):
+                desc, stages = forward(enc.module, enc.variables, x)
+                desc = np.asarray(desc, np.float64)
+                cos = (desc * ref_desc).sum(1) / (
+                    np.linalg.norm(desc, axis=1) * np.linalg.norm(ref_desc, axis=1)
+                )
+                errors = {
+                    k: float(jnp.linalg.norm(stages[k] - ref[k]) / jnp.linalg.norm(ref[k]))
+                    for k in ref
+                }
+                row = {"encoder": name, "bn": bn, "variant": variant, "errors": errors}
+                row.update(cos_min=float(cos.min()), cos_mean=float(cos.mean()))
+                row["shape"] = tuple(test.shape[1:3])
+                rows.append(row)
+                print(f"  layers {name} {bn} {variant}: cos min {row['cos_min']:.6f}", flush=True)
+        jax.clear_caches()
+    return rows
+
+
+def layers_table(rows: list[dict]) -> str:
+    lines = [
+        f"Images: {rows[0]['shape'][0]}x{rows[0]['shape'][1]} crops of demo database images. "
+        "Cosine of R-MAC (L=3) descriptors to float32 (min / mean), and relative L2 error "
+        "`||x - f32|| / ||f32||` of each stage output (in order).",
+        "",
+        "| encoder | BN | variant | cos min | cos mean | relative error per stage |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        errs = ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
+        lines.append(
+            f"| {r['encoder']} | {r['bn']} | {r['variant']} | {r['cos_min']:.6f} | "
+            f"{r['cos_mean']:.6f} | {errs} |"
+        )
+    return "\n".join(lines)
 
 
 def demo_accuracy(workdir: str, bn_modes: tuple[str, ...] = ("exact", "none")) -> list[dict]:
@@ -404,45 +574,28 @@ def accuracy_table(rows: list[dict]) -> str:
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
-    """Adds ``ratio``: images/s over the fastest PyTorch float32 row (any layout or thread
-    count) at the same batch size."""
+    """Adds ``ratio_fp32`` (images/s over the fastest PyTorch float32 row, any layout or thread
+    count) and ``ratio_bf16`` (over PyTorch bfloat16 channels_last) at the same batch size."""
     for row in rows:
-        ref = max(
-            r["images_per_s"]
-            for r in rows
-            if r["framework"] == "pytorch"
-            and r["dtype"] == "float32"
-            and r["batch"] == row["batch"]
-        )
-        row["ratio"] = row["images_per_s"] / ref
+        same = [r for r in rows if r["framework"] == "pytorch" and r["batch"] == row["batch"]]
+        fp32 = max(r["images_per_s"] for r in same if r["dtype"] == "float32")
+        bf16 = [r["images_per_s"] for r in same if r["dtype"] == "bfloat16"]
+        row["ratio_fp32"] = row["images_per_s"] / fp32
+        row["ratio_bf16"] = row["images_per_s"] / bf16[0] if bf16 else float("nan")
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| framework | dtype | layout | batch | images/s (median) | images/s (best) "
-        "| ratio to PyTorch fp32 (median) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| framework | dtype | variant | batch | images/s (median) | images/s (best) "
+        "| vs PyTorch fp32 (best) | vs PyTorch bf16 channels_last | load (1 min) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['framework']} | {r['dtype']} | {r['layout']} | {r['batch']} | "
-            f"{r['images_per_s']:.3f} | {r['best_images_per_s']:.3f} | {r['ratio']:.2f}x |"
-        )
-    return "\n".join(lines)
-
-
-def variants_table(rows: list[dict]) -> str:
-    lines = [
-        "| XLA compiler option | dtype | images/s (median) | images/s (best) "
-        "| ratio to default fp32 | compile s | warm-up (2 calls) s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| `{r['variant']}` | {r['dtype']} | {r['images_per_s']:.3f} | "
-            f"{r['best_images_per_s']:.3f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} | "
-            f"{r['warmup_s']:.0f} |"
+            f"| {r['framework']} | {r['dtype']} | {r['variant']} | {r['batch']} | "
+            f"{r['images_per_s']:.3f} | {r['best_images_per_s']:.3f} | {r['ratio_fp32']:.2f}x | "
+            f"{r['ratio_bf16']:.2f}x | {r['load']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -497,16 +650,16 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="main",
-        help="comma-separated: main (the comparison), variants (XLA options), demo (mAP), "
-        "accuracy (bfloat16 vs float32 through the runner)",
+        help="comma-separated: main (the comparison), variants (the candidates), layers "
+        "(bfloat16 error per layer), demo (mAP), accuracy (bfloat16 vs float32 through the runner)",
     )
     parser.add_argument("--demo-workdir", default="runs/bench_extract")
     parser.add_argument("--out", default=DOC, help="results file (markdown); '' to skip")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"main", "variants", "demo", "accuracy"}:
+    if not parts <= {"main", "variants", "layers", "demo", "accuracy"}:
         raise ValueError(
-            f"--parts={args.parts!r}; expected a subset of main,variants,demo,accuracy"
+            f"--parts={args.parts!r}; expected a subset of main,variants,layers,demo,accuracy"
         )
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     import torch
@@ -516,14 +669,19 @@ def main() -> None:
     sections = []
     if "main" in parts:
         load_before = os.getloadavg()
-        rows = with_ratios(measure(batch_sizes, args.size, args.repeats))
+        rows = measure(batch_sizes, args.size, args.repeats)
         sections.append(("main", rows, load_before, os.getloadavg()))
         print(table(rows))
     if "variants" in parts:
         load_before = os.getloadavg()
-        rows = xla_variants(batch_sizes[0], args.size, args.repeats)
+        rows = measure(batch_sizes, args.size, args.repeats, VARIANTS)
         sections.append(("variants", rows, load_before, os.getloadavg()))
-        print(variants_table(rows))
+        print(table(rows))
+    if "layers" in parts:
+        load_before = os.getloadavg()
+        rows = layer_errors(args.demo_workdir)
+        sections.append(("layers", rows, load_before, os.getloadavg()))
+        print(layers_table(rows))
     if "demo" in parts:
         load_before = os.getloadavg()
         rows = demo_accuracy(args.demo_workdir)
@@ -544,7 +702,8 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
     loads = lambda v: " / ".join(f"{x:.2f}" for x in v)
     titles = {
         "main": ("jretrieval vs PyTorch", table),
-        "variants": ("XLA CPU compiler options", variants_table),
+        "variants": ("jretrieval variants (layout, BN folding, XLA CPU options)", table),
+        "layers": ("bfloat16 vs float32 per layer, three encoders", layers_table),
         "demo": ("mAP (%) on the demo set, float32 vs bfloat16", demo_table),
         "accuracy": (
             "`--config.extraction.dtype=bfloat16` on the demo set, end to end",
@@ -556,8 +715,13 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
         title, fmt = titles[name]
         out[name] = "\n".join(
             [
-                f"**{title}**: `python -m bench.extract --parts={name} "
-                f"--batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}`, "
+                f"**{title}**: `python -m bench.extract --parts={name}"
+                + (
+                    f" --batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}"
+                    if name in ("main", "variants")
+                    else ""
+                )
+                + "`, "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {env['cpu']}, "
                 f"{env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads), "
                 f"jax {env['jax']}, XLA_FLAGS=`{env['XLA_FLAGS'] or '(none)'}`; load average "

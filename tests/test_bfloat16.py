@@ -127,6 +127,9 @@ def test_with_dtype_every_architecture(architecture):
     assert enc.with_dtype("float32") is enc  # float32 modules are left as they are
     enc16 = enc.with_dtype("bfloat16")
     assert enc16.module.dtype == jnp.bfloat16 and enc.module.dtype == jnp.float32
+    # on CPU, bfloat16 computes convolutions as im2col + dot (the dot units); float32 does not
+    assert enc16.module.conv_dot is (jax.default_backend() == "cpu")
+    assert enc.module.conv_dot is False
     assert "dtype = bfloat16" in repr(enc16.module)  # so stores keyed on it never mix dtypes
     assert enc16.with_dtype("float32").module == module
     with pytest.raises(ValueError, match="dtype='float16'; expected one of"):

@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jretrieval.models import convdot
 from jretrieval.models.resnet import batch_norm  # torch eps and variance formula
 
 #: (layer index, input width, output width in units of ndf, kernel, stride) of the ConvResBlocks.
@@ -84,6 +85,7 @@ class Conv3x3(nn.Module):
     stride: int
     pad: int = 0
     dtype: Any = jnp.float32
+    conv_dot: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,7 +94,14 @@ class Conv3x3(nn.Module):
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
         k, s = self.kernel, self.stride
         conv = nn.Conv(
-            self.features, (k, k), (s, s), "VALID", use_bias=True, dtype=self.dtype, name="conv"
+            self.features,
+            (k, k),
+            (s, s),
+            "VALID",
+            use_bias=True,
+            dtype=self.dtype,
+            conv_general_dilated=convdot.conv_dot if self.conv_dot else None,
+            name="conv",
         )
         return nn.relu(conv(x))
 
@@ -101,6 +110,7 @@ class ConvResNxN(nn.Module):
     """``conv2_1x1(relu(bn1?(conv1_kxk/s(x)))) + zero_pad_channels(avg_pool_kxk/s(x))``.
 
     ``[B, H, W, Cin] -> [B, (H - kernel) // stride + 1, ..., features]``, ``features >= Cin``.
+    With ``fold_bn`` and ``use_bn``, ``bn1`` is folded into ``conv1`` (a bias, no ``bn1``).
     """
 
     features: int
@@ -109,6 +119,8 @@ class ConvResNxN(nn.Module):
     use_bn: bool = False
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_dot: bool = False
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -116,14 +128,25 @@ class ConvResNxN(nn.Module):
         if self.features < n_in:
             raise ValueError(f"ConvResNxN: {n_in} input channels > {self.features} outputs")
         k, s = self.kernel, self.stride
-        h = nn.Conv(
-            self.features, (k, k), (s, s), "VALID", use_bias=False, dtype=self.dtype, name="conv1"
-        )(x)
-        bn = batch_norm(train, self.bn_momentum, self.dtype, "bn1")
-        h = maybe_batch_norm(self, bn, h, self.use_bn)
-        h = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype, name="conv2")(
-            nn.relu(h)
-        )
+        folded = self.fold_bn and self.use_bn
+
+        def conv(features, kernel, stride, use_bias, name):
+            return nn.Conv(
+                features,
+                kernel,
+                stride,
+                "VALID",
+                use_bias=use_bias,
+                dtype=self.dtype,
+                conv_general_dilated=convdot.conv_dot if self.conv_dot else None,
+                name=name,
+            )
+
+        h = conv(self.features, (k, k), (s, s), folded, "conv1")(x)
+        if not folded:
+            bn = batch_norm(train, self.bn_momentum, self.dtype, "bn1")
+            h = maybe_batch_norm(self, bn, h, self.use_bn)
+        h = conv(self.features, (1, 1), (1, 1), False, "conv2")(nn.relu(h))
         shortcut = x
         if k > 1 or s > 1:
             shortcut = nn.avg_pool(x, (k, k), strides=(s, s), padding="VALID")
@@ -142,6 +165,8 @@ class ConvResBlock(nn.Module):
     use_bn: bool = False
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_dot: bool = False
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -153,6 +178,8 @@ class ConvResBlock(nn.Module):
                 self.use_bn,
                 self.bn_momentum,
                 self.dtype,
+                self.conv_dot,
+                self.fold_bn,
                 name=f"layer_list_{j}",
             )(x, train)
         return x
@@ -170,6 +197,10 @@ class AMDIMEncoder(nn.Module):
       bn_momentum: Flax meaning (weight of the old running average); ``0.0`` makes a
         ``train=True, mutable=["batch_stats"]`` apply return the raw batch statistics.
       dtype: computation dtype (parameters stay float32).
+      conv_dot: compute every conv as im2col + dot (``convdot``), same parameters.
+      fold_bn: the ConvResNxN BatchNorms (applied only when ``use_bn``) are folded into their
+        conv (``fold.fold_batch_norm``); layers 5 and 9 follow a residual sum, not a conv, and
+        stay BatchNorms. Inference only.
     """
 
     ndf: int
@@ -179,6 +210,8 @@ class AMDIMEncoder(nn.Module):
     feature_layer: int = 7
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_dot: bool = False
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(
@@ -199,10 +232,16 @@ class AMDIMEncoder(nn.Module):
                 f"AMDIMEncoder input x has shape {x.shape}; expected [B, H, W, 3] (NHWC) with "
                 f"H, W >= {MIN_INPUT_SIZE}"
             )
-        ndf, dtype, momentum = self.ndf, self.dtype, self.bn_momentum
+        if train and self.fold_bn:
+            raise ValueError(
+                "AMDIMEncoder: BatchNorm is folded (fold_bn=True), so it cannot run in training "
+                "mode; recalibrate BN before fold_batch_norm"
+            )
+        ndf, dtype, momentum, dot = self.ndf, self.dtype, self.bn_momentum, self.conv_dot
+        fold = self.fold_bn
         x = x.astype(dtype)
-        acts = [Conv3x3(ndf, 5, 2, pad=2, dtype=dtype, name="layer_list_0")(x)]
-        acts.append(Conv3x3(ndf, 3, 1, dtype=dtype, name="layer_list_1")(acts[-1]))
+        acts = [Conv3x3(ndf, 5, 2, pad=2, dtype=dtype, conv_dot=dot, name="layer_list_0")(x)]
+        acts.append(Conv3x3(ndf, 3, 1, dtype=dtype, conv_dot=dot, name="layer_list_1")(acts[-1]))
         for index, _, width, kernel, stride in RES_BLOCKS:
             if index == 6:
                 bn = batch_norm(train, momentum, dtype, "layer_list_5")
@@ -215,13 +254,15 @@ class AMDIMEncoder(nn.Module):
                 self.use_bn,
                 momentum,
                 dtype,
+                dot,
+                fold,
                 name=f"layer_list_{index}",
             )
             acts.append(block(acts[-1], train))
         acts.append(
-            ConvResNxN(self.n_rkhs, 3, 1, self.use_bn, momentum, dtype, name="layer_list_8")(
-                acts[-1], train
-            )
+            ConvResNxN(
+                self.n_rkhs, 3, 1, self.use_bn, momentum, dtype, dot, fold, name="layer_list_8"
+            )(acts[-1], train)
         )
         acts.append(batch_norm(train, momentum, dtype, "layer_list_9")(acts[-1]))
         stages = {f"layer{i}": a for i, a in enumerate(acts)}

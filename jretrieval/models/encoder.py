@@ -24,6 +24,13 @@ IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def default_conv_dot(dtype: str) -> bool:
+    """Whether ``with_dtype(dtype)`` computes convolutions as im2col + dot by default: for
+    bfloat16 on a CPU backend, where XLA's convolutions miss the bfloat16 dot units
+    (``docs/bench_extract.md``); float32 and other backends keep ``lax`` convolutions."""
+    return dtype == "bfloat16" and jax.default_backend() == "cpu"
+
+
 @functools.partial(jax.jit, static_argnames=("module",))
 def _feature_map(module: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
     return module.apply(variables, x, train=False)[0]
@@ -85,23 +92,38 @@ class Encoder:
         whiten = bool(getattr(self.module, "pca_whiten", True))
         return apgem.apply_pca(self.variables["pca"], desc, power=pca_power, whiten=whiten)
 
-    def with_dtype(self, dtype: str) -> Encoder:
+    def with_dtype(self, dtype: str, conv_dot: bool | None = None) -> Encoder:
         """A copy whose module computes in ``dtype`` (a key of ``COMPUTE_DTYPES``).
 
-        Only the module's ``dtype`` field changes: parameters and BN statistics stay float32
-        (each conv casts its kernel and input to ``dtype``; BatchNorm normalises in float32 and
-        returns ``dtype``), so ``feature_map`` returns a ``dtype`` map, which pooling casts to
-        float32. Recalibrate BN before switching: statistics are estimated in float32.
+        Only the module's ``dtype`` (and ``conv_dot``) fields change: parameters and BN
+        statistics stay float32 (each conv casts its kernel and input to ``dtype``; BatchNorm
+        normalises in float32 and returns ``dtype``), so ``feature_map`` returns a ``dtype``
+        map, which pooling casts to float32. Recalibrate BN (and fold it) before switching:
+        statistics are estimated in float32.
+
+        Args:
+          dtype: "float32" or "bfloat16".
+          conv_dot: compute convolutions as im2col + dot (``convdot``), the only way XLA's CPU
+            backend reaches the bfloat16 matrix units; ``None`` picks it for bfloat16 on a CPU
+            backend (``default_conv_dot``). Ignored (must be falsy) for modules without the field.
         """
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(COMPUTE_DTYPES)}")
-        if "dtype" not in getattr(self.module, "__dataclass_fields__", {}):
+        fields = getattr(self.module, "__dataclass_fields__", {})
+        if conv_dot is None:
+            conv_dot = default_conv_dot(dtype) and "conv_dot" in fields
+        if conv_dot and "conv_dot" not in fields:
+            raise ValueError(f"{type(self.module).__name__} has no conv_dot field")
+        if "dtype" not in fields:
             if dtype == "float32":  # a module without the field computes in float32
                 return self
             raise ValueError(f"{type(self.module).__name__} has no dtype field; cannot switch")
-        if self.module.dtype == COMPUTE_DTYPES[dtype]:
+        changes = {"dtype": COMPUTE_DTYPES[dtype]}
+        if "conv_dot" in fields:
+            changes["conv_dot"] = bool(conv_dot)
+        if all(getattr(self.module, k) == v for k, v in changes.items()):
             return self
-        return self.replace(module=self.module.clone(dtype=COMPUTE_DTYPES[dtype]))
+        return self.replace(module=self.module.clone(**changes))
 
     def replace(self, **changes: Any) -> Encoder:
         """A copy with some fields replaced (e.g. recalibrated ``variables``)."""

@@ -21,9 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jretrieval.models import convdot
+
 #: blocks per stage for each supported depth.
 STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+#: torch's BatchNorm epsilon (also Flax's default), used by every BatchNorm and by BN folding.
+BN_EPSILON = 1e-5
 
 
 def batch_norm(train: bool, momentum: float, dtype: Any, name: str) -> nn.BatchNorm:
@@ -35,25 +39,62 @@ def batch_norm(train: bool, momentum: float, dtype: Any, name: str) -> nn.BatchN
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=momentum,
-        epsilon=1e-5,
+        epsilon=BN_EPSILON,
         dtype=dtype,
         use_fast_variance=False,
         name=name,
     )
 
 
-def conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-    """A bias-free conv with torch's symmetric padding ``kernel // 2``."""
+def conv(
+    features: int,
+    kernel: int,
+    stride: int,
+    dtype: Any,
+    name: str,
+    *,
+    conv_dot: bool = False,
+    use_bias: bool = False,
+) -> nn.Conv:
+    """A conv with torch's symmetric padding ``kernel // 2`` (bias-free unless BN was folded
+    into it); ``conv_dot`` computes it as im2col + dot (same parameters, see ``convdot``)."""
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
-        use_bias=False,
+        use_bias=use_bias,
         dtype=dtype,
+        conv_general_dilated=convdot.conv_dot if conv_dot else None,
         name=name,
     )
+
+
+def conv_bn(
+    module: nn.Module, x: jax.Array, train: bool, features: int, kernel: int, stride: int, names
+) -> jax.Array:
+    """``bn(conv(x))`` with ``module``'s dtype, momentum and ``conv_dot``; when ``module.fold_bn``
+    the BatchNorm is already folded into the conv's kernel and bias (``fold.fold_batch_norm``):
+    one conv with a bias, no BatchNorm variables. ``names`` = (conv name, BN name)."""
+    conv_name, bn_name = names
+    if module.fold_bn:
+        if train:
+            raise ValueError(
+                f"{type(module).__name__}: BatchNorm is folded (fold_bn=True), so it cannot run "
+                "in training mode; recalibrate BN before fold_batch_norm"
+            )
+        return conv(
+            features,
+            kernel,
+            stride,
+            module.dtype,
+            conv_name,
+            conv_dot=module.conv_dot,
+            use_bias=True,
+        )(x)
+    y = conv(features, kernel, stride, module.dtype, conv_name, conv_dot=module.conv_dot)(x)
+    return batch_norm(train, module.bn_momentum, module.dtype, bn_name)(y)
 
 
 class Bottleneck(nn.Module):
@@ -67,20 +108,19 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_dot: bool = False
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        def bn(name: str) -> nn.BatchNorm:
-            return batch_norm(train, self.bn_momentum, self.dtype, name)
-
         out_features = 4 * self.planes
         shortcut = x
         if self.downsample:
-            shortcut = conv(out_features, 1, self.stride, self.dtype, "downsample_conv")(x)
-            shortcut = bn("downsample_bn")(shortcut)
-        y = nn.relu(bn("bn1")(conv(self.planes, 1, 1, self.dtype, "conv1")(x)))
-        y = nn.relu(bn("bn2")(conv(self.planes, 3, self.stride, self.dtype, "conv2")(y)))
-        y = bn("bn3")(conv(out_features, 1, 1, self.dtype, "conv3")(y))
+            names = ("downsample_conv", "downsample_bn")
+            shortcut = conv_bn(self, x, train, out_features, 1, self.stride, names)
+        y = nn.relu(conv_bn(self, x, train, self.planes, 1, 1, ("conv1", "bn1")))
+        y = nn.relu(conv_bn(self, y, train, self.planes, 3, self.stride, ("conv2", "bn2")))
+        y = conv_bn(self, y, train, out_features, 1, 1, ("conv3", "bn3"))
         return nn.relu(y + shortcut)
 
 
@@ -93,12 +133,18 @@ class ResNet(nn.Module):
       bn_momentum: Flax meaning (weight of the old running average); ``0.0`` makes a
         ``train=True, mutable=["batch_stats"]`` apply return the raw batch statistics.
       dtype: computation dtype (parameters stay float32).
+      conv_dot: compute every conv as im2col + dot (``convdot``; reaches the bfloat16 dot
+        units of XLA's CPU backend); same parameters and, up to rounding, the same maps.
+      fold_bn: every BatchNorm is folded into the conv before it (``fold.fold_batch_norm``:
+        convs with a bias, no BN variables); inference only.
     """
 
     depth: int = 50
     width: int = 1
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32
+    conv_dot: bool = False
+    fold_bn: bool = False
 
     def backbone(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The convolutional trunk; call it from a compact method (``__call__``, subclasses).
@@ -111,8 +157,7 @@ class ResNet(nn.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet input x has shape {x.shape}; expected [B, H, W, 3] (NHWC)")
         x = x.astype(self.dtype)
-        x = conv(64 * self.width, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(batch_norm(train, self.bn_momentum, self.dtype, "bn1")(x))
+        x = nn.relu(conv_bn(self, x, train, 64 * self.width, 7, 2, ("conv1", "bn1")))
         stages = {"stem": x}
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (stage, blocks) in enumerate(zip(STAGES, STAGE_SIZES[self.depth], strict=True)):
@@ -123,6 +168,8 @@ class ResNet(nn.Module):
                     downsample=j == 0,
                     bn_momentum=self.bn_momentum,
                     dtype=self.dtype,
+                    conv_dot=self.conv_dot,
+                    fold_bn=self.fold_bn,
                     name=f"{stage}_{j}",
                 )(x, train)
             stages[stage] = x

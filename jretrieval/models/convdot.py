@@ -1,0 +1,116 @@
+"""Convolution as im2col + one matrix product, for CPUs whose matrix units XLA reaches via dots.
+
+Shape convention: ``lhs`` is NHWC ``[B, H, W, Cin]``, ``rhs`` is HWIO ``[kh, kw, Cin, Cout]``,
+the result NHWC ``[B, Ho, Wo, Cout]`` with ``Ho = (H + pad_top + pad_bottom - kh) // stride + 1``.
+
+Why: XLA's CPU backend runs convolutions through Eigen (or YNNPACK's convolution fusions), which
+on this jax (0.10) never use the processor's bfloat16 dot-product instructions (AVX512-BF16,
+AMX): a bfloat16 ResNet-50 runs no faster than float32. Its *dot* path does (YNNPACK's bf16
+GEMM with ``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``). So a
+``k x k`` convolution is written as the ``k * k`` shifted (strided) views of the padded input
+concatenated on the channel axis (``[B, Ho, Wo, k*k*Cin]``, "im2col") times the kernel reshaped
+to ``[k*k*Cin, Cout]``; a 1x1 convolution is a plain dot. The sum runs in the same order
+(``(i, j, c)``) as the flattened kernel, so only rounding of the accumulation differs from
+``lax.conv_general_dilated``.
+
+``conv_dot`` has ``lax.conv_general_dilated``'s signature so that it plugs into
+``flax.linen.Conv(conv_general_dilated=conv_dot)``: parameters, their names and initialisation
+stay exactly those of ``nn.Conv``, only the computation changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+#: dimension numbers ``conv_dot`` accepts (what ``nn.Conv`` passes for a 4-d NHWC input).
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+
+
+def _is_nhwc(dimension_numbers: Any) -> bool:
+    if dimension_numbers is None:
+        return False
+    if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        # nn.Conv passes ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), ...)
+        return dimension_numbers == lax.conv_dimension_numbers(
+            (1, 1, 1, 1), (1, 1, 1, 1), NHWC_HWIO
+        )
+    return tuple(dimension_numbers) == NHWC_HWIO
+
+
+def im2col(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
+    """``[B, H, W, C]`` (already padded) -> ``[B, Ho, Wo, kh * kw * C]``: patch ``(i, j, c)`` at
+    channel ``(i * kw + j) * C + c``, the order of ``kernel.reshape(kh * kw * C, -1)``."""
+    kh, kw = kernel
+    sh, sw = strides
+    _, h, w, _ = x.shape
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"im2col: input {x.shape} smaller than the kernel {kernel}")
+    views = [
+        lax.slice(
+            x,
+            (0, i, j, 0),
+            (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+
+
+def conv_dot(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` for NHWC/HWIO 2-d convolutions, computed as im2col + dot.
+
+    Supports what the encoders use: explicit pads or ``'VALID'``/``'SAME'``, any strides, no
+    dilation, one feature group. Anything else raises ``ValueError`` (rather than silently
+    computing something else). Returns ``[B, Ho, Wo, Cout]`` in the inputs' dtype.
+    """
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        raise ValueError(f"conv_dot: lhs {lhs.shape}, rhs {rhs.shape}; expected 4-d NHWC, HWIO")
+    if not _is_nhwc(dimension_numbers):
+        raise ValueError(f"conv_dot: dimension_numbers {dimension_numbers}; expected NHWC/HWIO")
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        raise ValueError("conv_dot: dilation is not supported")
+    if feature_group_count != 1:
+        raise ValueError(f"conv_dot: feature_group_count={feature_group_count}; expected 1")
+    kh, kw, cin, cout = rhs.shape
+    if lhs.shape[-1] != cin:
+        raise ValueError(f"conv_dot: lhs has {lhs.shape[-1]} channels, the kernel {cin}")
+    strides = tuple(window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), strides, padding)
+    (top, bottom), (left, right) = padding
+    x = lhs
+    if top or bottom or left or right:
+        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    patches = im2col(x, (kh, kw), strides)
+    # Low-precision products accumulate and come out in float32, then round once: XLA CPU maps
+    # only this form (bfloat16 x bfloat16 -> float32) to YNNPACK's bfloat16 GEMM, about twice
+    # as fast here as the bfloat16-output dot (docs/bench_extract.md).
+    accumulate = preferred_element_type
+    if accumulate is None and jnp.dtype(lhs.dtype).itemsize < 4:
+        accumulate = jnp.float32
+    y = jnp.dot(
+        patches,
+        rhs.reshape(kh * kw * cin, cout),
+        precision=precision,
+        preferred_element_type=accumulate,
+    )
+    return y.astype(lhs.dtype) if preferred_element_type is None else y
