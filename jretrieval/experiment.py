@@ -300,6 +300,9 @@ def describe(config: Any, name: str, dataset: Dataset, *, mesh: Any = None) -> D
     provenance = models.provenance(encoder)  # architecture and weight digests, for results
     t_load = time.perf_counter()
     encoder = recalibrate(config, name, encoder, dataset, mesh=mesh)  # BN statistics in float32
+    # Frozen statistics from here on: folded into the convolutions (after recalibration, never
+    # before; the cached BN file stays unfolded).
+    encoder = models.fold_batch_norm(encoder)
     encoder = encoder.with_dtype(config.extraction.get("dtype", "float32"))
     t_bn = time.perf_counter()
     pooling = _pooling(config, spec)

@@ -171,7 +171,7 @@ def make_step(
     module, variables = encoder.module, encoder.variables
 
     def step(images: ArrayLike) -> jax.Array:
-        fn = xla_cpu.pick(_describe, images)
+        fn = xla_cpu.pick(_describe, images, module)
         return fn(module, variables, images, mean, std, scales=scales, pooling=pooling)
 
     return step

@@ -248,7 +248,7 @@ def recalibrate_bn(
             continue
         if imgs.shape not in counts_by_shape:
             counts_by_shape[imgs.shape] = _bn_counts(stats_module, variables, imgs.shape)
-        raw_stats = xla_cpu.pick(_raw_batch_stats, imgs)
+        raw_stats = xla_cpu.pick(_raw_batch_stats, imgs, stats_module)
         stats = raw_stats(stats_module, variables, imgs, mean, std)  # async dispatch
         if pending is not None:  # fetch the previous batch while this one runs
             acc.update(*_called(pending))

@@ -221,7 +221,7 @@ def make_step(
     def step(images: ArrayLike) -> jax.Array:
         if sharded and not isinstance(images, jax.core.Tracer):  # eval_shape traces unplaced
             images = mesh_lib.shard_batch(np.asarray(images), mesh)
-        fn = xla_cpu.pick(_describe, images)
+        fn = xla_cpu.pick(_describe, images, module)
         return fn(module, variables, images, mean, std, pooling=pooling)
 
     return step

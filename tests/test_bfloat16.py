@@ -191,6 +191,7 @@ def test_config_switch_through_the_experiment(tmp_path, monkeypatch):
         config = make_config(str(tmp_path), "oxford5k")
         config.checkpoint_dir = str(tmp_path)
         config.model_zoo["tiny_a"].file = "tiny16.h5"
+        config.model_zoo["tiny_a"].architecture = {"name": "tiny16"}  # what the file must hold
         config.extraction.dtype = dtype
         config.bn.mode = "none"  # recalibration runs in float32 either way
         config.pooling.name = "mac"  # compiles faster than R-MAC (tested above)

@@ -141,7 +141,7 @@ class Index:
                 f"{model['params_sha256'][:12]}); {given} has other weights (sha256 "
                 f"{digest[:12]}); query with the model the index was built with"
             )
-        encoder = wiring.with_batch_stats(encoder, self._bn_stats)
+        encoder = wiring.frozen(wiring.with_batch_stats(encoder, self._bn_stats))
         self._step = wiring.make_step(encoder, model, self.settings["scales"])
 
     def use_model(

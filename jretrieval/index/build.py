@@ -160,6 +160,7 @@ def build_index(
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     encoder, stats = _recalibrated(encoder, spec, paths, ids, settings, workdir)
+    encoder = wiring.frozen(encoder)  # the saved statistics stay unfolded
     t_bn = time.perf_counter()
     raw, report = wiring.extract(
         encoder,

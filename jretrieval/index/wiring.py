@@ -139,6 +139,12 @@ def params_digest(encoder: models.Encoder) -> str:
     return keys.variables_digest({k: v for k, v in encoder.variables.items() if k != "batch_stats"})
 
 
+def frozen(encoder: Any) -> Any:
+    """``encoder`` with its final BN statistics folded into the convolutions, as the experiment
+    extracts (after recalibration, never before)."""
+    return models.fold_batch_norm(encoder)
+
+
 def with_batch_stats(encoder: models.Encoder, batch_stats: Any) -> models.Encoder:
     """The encoder with stored (recalibrated) BN statistics."""
     if batch_stats is None:

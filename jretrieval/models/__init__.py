@@ -28,7 +28,8 @@ import numpy as np
 from jretrieval.models import io
 from jretrieval.models.amdim import AMDIMEncoder
 from jretrieval.models.apgem import APGeM
-from jretrieval.models.encoder import COMPUTE_DTYPES, IDENTITY, IMAGENET, Encoder
+from jretrieval.models.encoder import COMPUTE_DTYPES, IDENTITY, IMAGENET, INIT_SIZE, Encoder
+from jretrieval.models.fold import fold_batch_norm
 from jretrieval.models.resnet import ResNet
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "build",
     "check_architecture",
     "check_variables",
+    "fold_batch_norm",
     "init_encoder",
     "load",
     "provenance",
@@ -55,8 +57,6 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "amdim": AMDIMEncoder,
 }
 
-#: side of the dummy image used to trace ``init`` (AMDIM needs at least 127 px).
-INIT_SIZE = 128
 
 save = io.save
 read_architecture = io.read_architecture

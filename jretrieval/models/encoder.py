@@ -18,6 +18,9 @@ from jax.typing import ArrayLike
 
 from jretrieval.models import apgem
 
+#: side of the dummy image used to trace ``init`` (AMDIM needs at least 127 px).
+INIT_SIZE = 128
+
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 #: compute dtypes of ``Encoder.with_dtype``, by the names configs use.

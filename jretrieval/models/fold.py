@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jretrieval.models import io
+from jretrieval.models.encoder import INIT_SIZE
 from jretrieval.models.resnet import BN_EPSILON
 
 
@@ -59,8 +60,6 @@ def fold_variables(module: Any, variables: dict[str, Any]) -> tuple[Any, dict[st
 
     Raises ``ValueError`` if the module cannot fold or a BatchNorm's variables are missing.
     """
-    from jretrieval.models import INIT_SIZE  # the package imports this module's users
-
     if "fold_bn" not in getattr(module, "__dataclass_fields__", {}):
         raise ValueError(f"fold_batch_norm: {type(module).__name__} has no fold_bn field")
     if module.fold_bn:
@@ -106,9 +105,12 @@ def fold_batch_norm(encoder: Any) -> Any:
     Call it after BN recalibration and before ``with_dtype``/``make_step``: the result computes
     the same maps (to float32 rounding) in inference mode only. ``architecture`` gains
     ``"fold_bn": True`` (so saved files rebuild the folded module) and ``metadata``
-    ``"bn_folded": True``. An encoder already folded is returned as it is.
+    ``"bn_folded": True``. An encoder already folded, or whose module has no ``fold_bn`` field
+    (a module of the caller's own), is returned as it is.
     """
-    if getattr(encoder.module, "fold_bn", False):
+    if "fold_bn" not in getattr(encoder.module, "__dataclass_fields__", {}):
+        return encoder  # a module of the caller's own (no fold_bn field): run as it is
+    if encoder.module.fold_bn:
         return encoder
     module, variables = fold_variables(encoder.module, dict(encoder.variables))
     return encoder.replace(
