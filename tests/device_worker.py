@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +27,7 @@ from PIL import Image
 
 from jretrieval.models import Encoder
 from jretrieval.steps import Loading
+from tests.helpers import TinyNet
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POLICY = {"mode": "max_side", "size": 20}
@@ -38,22 +38,8 @@ RANKING_DIFFUSION = {"truncation": 60, "kd": 10, "kq": 5, "gamma": 3.0, "alpha":
 RECAL_KW = {"loading": Loading.of(POLICY, batch_size=BATCH_RECAL, skip_corrupt=True)}
 
 
-class TinyNet(nn.Module):
-    """conv/2 + BN + ReLU (8 ch), conv + BN + ReLU (16 ch): ``[B, H, W, 3] -> [B, h, w, 16]``."""
-
-    bn_momentum: float = 0.9
-
-    @nn.compact
-    def __call__(self, x, *, train=False):
-        x = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name="conv1")(x)
-        x = nn.BatchNorm(not train, momentum=self.bn_momentum, epsilon=1e-5, name="bn1")(x)
-        x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(nn.relu(x))
-        x = nn.BatchNorm(not train, momentum=self.bn_momentum, epsilon=1e-5, name="bn2")(x)
-        return nn.relu(x), {}
-
-
 def encoder() -> Encoder:
-    module = TinyNet()
+    module = TinyNet(features=16)  # the suite's tiny encoder (tests/helpers.py)
     variables = module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     return Encoder(module, dict(variables), {"name": "tiny"}, {"mean": MEAN, "std": STD}, {})
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import pickle
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -28,14 +30,21 @@ class TinyNet(nn.Module):
 
     features: int = 32
     bn_momentum: float = 0.9
+    dtype: Any = jnp.float32  # compute dtype (Encoder.with_dtype); variables stay float32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         stages = {}
         for i, feat in enumerate((16, self.features)):
-            x = nn.Conv(feat, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False)(x)
+            conv = nn.Conv(
+                feat, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype
+            )
+            x = conv(x.astype(self.dtype))
             x = nn.BatchNorm(
-                use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5
+                use_running_average=not train,
+                momentum=self.bn_momentum,
+                epsilon=1e-5,
+                dtype=self.dtype,
             )(x)
             x = nn.relu(x)
             stages[f"layer{i + 1}"] = x

@@ -21,8 +21,6 @@ reference above 0.999 (measured 1 - 2e-6); float32 above 1 - 1e-6.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,6 +32,7 @@ from jretrieval import models
 from jretrieval.pooling import rmac_regions
 from jretrieval.steps import Pooling, make_step
 from references import torch_resnet as tr
+from tests.helpers import TinyNet
 from weight_conversion import resnet as resnet_conversion
 
 SIZE = 224  # 7x7 layer4 map: R-MAC has 3 levels of regions
@@ -134,27 +133,6 @@ def test_with_dtype_every_architecture(architecture):
     assert enc16.with_dtype("float32").module == module
     with pytest.raises(ValueError, match="dtype='float16'; expected one of"):
         enc.with_dtype("float16")
-
-
-class TinyNet(nn.Module):
-    """Two strided 3x3 convs + BatchNorm + ReLU with a ``dtype`` field:
-    ``[B, H, W, 3] -> [B, H/4, W/4, 16]``."""
-
-    bn_momentum: float = 0.9
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool = False):
-        for feat in (8, 16):
-            conv = nn.Conv(feat, (3, 3), (2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype)
-            bn = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=self.bn_momentum,
-                epsilon=1e-5,
-                dtype=self.dtype,
-            )
-            x = nn.relu(bn(conv(x.astype(self.dtype))))
-        return x, {}
 
 
 class NoDtypeNet(nn.Module):

@@ -187,7 +187,7 @@ def test_another_models_checkpoint_is_refused_by_name(setup, tiny_zoo, capsys):
     code = _cli("query", f"--index={setup['out']}", f"--checkpoint={setup['tmp']}/ckpt/tiny_b.h5",
                 ds.query_paths[0])  # fmt: skip
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1
+    assert code == 1 and len(err.splitlines()) == 1
     assert "'tiny_a'" in err and "--checkpoint=" in err and "tiny_b.h5" in err
 
 
@@ -240,7 +240,7 @@ def test_bad_input_exits_with_one_line_and_leaves_the_index(setup, tiny_zoo, cap
     for case, (argv, needle) in _bad_cases(setup).items():
         code = _cli(*argv)
         err = capsys.readouterr().err.strip()
-        assert code == 2, (case, err)
+        assert code == 1, (case, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: "), (case, err)
         assert needle in err, (case, err)
         assert _tree_digest(setup["out"]) == before, case
@@ -248,7 +248,7 @@ def test_bad_input_exits_with_one_line_and_leaves_the_index(setup, tiny_zoo, cap
 
 def test_bad_input_in_a_fresh_process_has_no_traceback(setup):
     done = _cli_process("query", f"--index={setup['tmp']}/nowhere", setup["dataset"].query_paths[0])
-    assert done.returncode == 2
+    assert done.returncode == 1
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: ") and "nowhere" in lines[-1]
     assert "Traceback" not in done.stderr

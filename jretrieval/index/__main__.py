@@ -15,7 +15,8 @@ diffusion stage if asked, and writes one index directory (``jretrieval.index.fil
 ``query`` prints rank, score and path of each query's top ``k`` (``--json``: a JSON list).
 Bad input (an unreadable image, a box outside the image, a missing or truncated index file, an
 index of a newer format, ``--k`` larger than the index, a folder without images) exits with
-status 2 and one line naming the file or flag; an existing index is left untouched.
+status 1 (as `python -m jretrieval.main`) and one line naming the file or flag; an existing
+index is left untouched.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv: Sequence[str]) -> None:
         message = " ".join(str(err).split())
         logging.debug("%s failed", command, exc_info=True)
         sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
