@@ -37,7 +37,13 @@ class TinyNet(nn.Module):
         stages = {}
         for i, feat in enumerate((16, self.features)):
             conv = nn.Conv(
-                feat, (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype
+                feat,
+                (3, 3),
+                (2, 2),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                dtype=self.dtype,
+                name=f"conv{i + 1}",
             )
             x = conv(x.astype(self.dtype))
             x = nn.BatchNorm(
@@ -45,6 +51,7 @@ class TinyNet(nn.Module):
                 momentum=self.bn_momentum,
                 epsilon=1e-5,
                 dtype=self.dtype,
+                name=f"bn{i + 1}",
             )(x)
             x = nn.relu(x)
             stages[f"layer{i + 1}"] = x
