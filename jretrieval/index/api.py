@@ -248,25 +248,25 @@ class Index:
         else:
             q = self.postprocess(q)
         t1 = time.perf_counter()
-        database = self._device_database()
+        placed = self._placed()
         if aqe:
-            q = wiring.aqe(q, database, aqe)
+            q = wiring.aqe(q, placed.database, aqe)
         if diffusion:
             meta = self.manifest["diffusion"]
             off = wiring.rebuild_offline(self._diffusion, meta)
             ids = wiring.diffusion_rank(off, q, self.database, kq=meta["kq"])[:, :k]
             scores = np.einsum("qd,qkd->qk", q, self.database[ids])
         else:
-            scores, ids = wiring.topk(q, database, k)
+            scores, ids = wiring.topk(q, placed, k)
         ids = np.asarray(ids, np.int64)
         timings = {"postprocess": t1 - t0, "search": time.perf_counter() - t1}
         paths = [[self.paths[j] for j in row] for row in ids]
         return Results(np.asarray(scores, np.float32), ids, paths, q, timings)
 
-    def _device_database(self) -> Any:
-        """The database on the device, copied once (not once per query: 100 MB at 50k x 512)."""
+    def _placed(self) -> Any:
+        """The database as a ``search.Index``, placed once (not per query: 100 MB at 50k x 512)."""
         if self._on_device is None or self._on_device[0] is not self.database:
-            self._on_device = (self.database, wiring.to_device(self.database))
+            self._on_device = (self.database, wiring.place(self.database))
         return self._on_device[1]
 
     def _check_search(self, k: int, aqe: int, diffusion: bool) -> None:

@@ -84,7 +84,7 @@ def export_queries(index: Any, kind: str, out: str, images: Sequence[str], hits:
     written = _database_files(index, kind, out)
     if kind == "npy":
         q = np.asarray(hits.queries, np.float32)
-        _, order = wiring.topk(q, index.database, len(index))  # every row, best first
+        order = wiring.rank(q, index.database)  # every row, best first
         np.save(os.path.join(out, "queries.npy"), q)
         np.save(os.path.join(out, "ranks.npy"), np.asarray(order, np.int64).T)
         with open(os.path.join(out, "query_paths.txt"), "w", encoding="utf-8") as f:

@@ -52,9 +52,10 @@ __all__ = [
     "make_step",
     "params_digest",
     "postprocess",
+    "place",
+    "rank",
     "recalibrate",
     "resolve_model",
-    "to_device",
     "topk",
 ]
 
@@ -289,13 +290,18 @@ def aqe(queries: np.ndarray, database: np.ndarray, k: int) -> np.ndarray:
     )
 
 
-def to_device(x: np.ndarray) -> jax.Array:
-    """``x`` placed on the default device once, for repeated searches."""
-    return jax.device_put(np.asarray(x, np.float32))
+def place(x: np.ndarray) -> search.Index:
+    """The database placed on the device once, for repeated searches (as faiss's ``add``)."""
+    return search.Index(np.asarray(x, np.float32))
 
 
-def topk(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores, idx = search.topk(queries, database, k)
+def rank(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """Every database row per query, best first (``[Q, N]``)."""
+    return np.asarray(search.rank(queries, database))
+
+
+def topk(queries: np.ndarray, index: search.Index, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores, idx = index.topk(queries, k)
     return np.asarray(scores), np.asarray(idx)
 
 
