@@ -46,6 +46,7 @@ __all__ = [
     "diffusion_offline",
     "diffusion_rank",
     "extract",
+    "frozen",
     "image_list",
     "learn_whitening",
     "load_image",
