@@ -121,6 +121,7 @@ def extract(
     settings: Mapping[str, Any] | None = None,
     mesh: Mesh | None = None,
     desc: str = "extract",
+    step: Callable[[np.ndarray], jax.Array] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Descriptors of ``paths``, through the resumable HDF5 store when ``store`` is given.
 
@@ -140,6 +141,9 @@ def extract(
       mesh: a ``jax.sharding.Mesh`` (``jretrieval.mesh.make_mesh``): data parallel over this
         process's devices; with several processes the image list is split between them.
       desc: progress label.
+      step: an extraction step to run instead of ``steps.make_step(encoder, pooling)`` (e.g.
+        ``jretrieval.multiscale.make_step``), on the default device of one process; a store
+        ``key`` must then name what the step adds.
 
     Returns:
       ``(descriptors float32 [N_kept, D], report)``: ``report`` has ``kept`` (int64 indices of
@@ -166,6 +170,12 @@ def extract(
         key = store_key(encoder, paths, ids=ids, bbx=bbx, loading=loading, pooling=pooling,
                         user=settings)  # fmt: skip
     job = dict(loading=loading, bbx=bbx, ids=ids, desc=desc)
+    if step is not None:
+        if jax.process_count() > 1 or (mesh is not None and mesh_lib.mesh_size(mesh) > 1):
+            raise ValueError("extract(step=...) runs on one device of one process; got a mesh")
+        if store is not None and key is None:
+            raise ValueError("extract(step=...) with a store needs its key (naming the step)")
+        return _extract(step, 1, paths, store=store, key=key, **job)
     if jax.process_count() > 1:
         return _extract_multihost(encoder, paths, pooling, store=store, key=key, mesh=mesh, **job)
     local = None if mesh is None else mesh_lib.local_mesh(mesh)

@@ -203,13 +203,6 @@ def extract_at_scales(
         return extract_lib.extract(encoder, paths, mesh=mesh, desc=desc, **common)
     if jax.process_count() > 1:
         raise ValueError(f"scales={scales}: multi-scale extraction runs in one process only")
-    paths = [str(p) for p in paths]
-    loading = steps.Loading() if loading is None else loading
     pooling = steps.Pooling.of(pooling) if isinstance(pooling, str) else steps.Pooling.of(*pooling)
-    ids = list(paths) if ids is None else [str(i) for i in ids]
-    if store is not None and key is None:
-        raise ValueError("extract_at_scales with a store needs its key (naming the scales)")
     step = make_step(encoder, scales=scales, pooling=pooling)
-    # extract's loop with our step (TODO(merge): extract.extract(step=...) would make it public)
-    return extract_lib._extract(step, 1, paths, loading=loading, bbx=bbx, ids=ids,
-                                store=store, key=key, desc=desc)  # fmt: skip
+    return extract_lib.extract(encoder, paths, desc=desc, step=step, **common)
