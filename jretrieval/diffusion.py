@@ -347,16 +347,19 @@ def _top_of_flat(s: np.ndarray, flat: np.ndarray, k: int, own: np.ndarray | None
     count = np.bincount(rows, minlength=r)
     width = int(count.max())
     slot = rows * width + (np.arange(len(flat)) - (np.cumsum(count) - count)[rows])
+    col = (flat - rows * n).astype(np.int32)
     vals = np.full(r * width, -np.inf, np.float32)
-    cols = np.zeros(r * width, np.int64)
-    vals[slot], cols[slot] = s.reshape(-1)[flat], flat - rows * n
+    cols = np.zeros(r * width, np.int32)
+    vals[slot], cols[slot] = s.reshape(-1)[flat], col
     if own is not None:
-        vals[slot[cols[slot] == own[rows]]] = np.inf
+        vals[slot[col == own[rows]]] = np.inf
     vals, cols = vals.reshape(r, width), cols.reshape(r, width)
-    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1 : k]
-    equal = vals == kth
-    need = k - np.sum(vals > kth, axis=1, keepdims=True)
-    keep = (vals > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
+    kth = np.partition(vals, width - k, axis=1)[:, width - k : width - k + 1]  # k-th largest
+    keep = vals >= kth
+    if np.any(np.count_nonzero(keep, axis=1) != k):  # ties at the k-th: the first ones
+        equal = vals == kth
+        need = k - np.sum(vals > kth, axis=1, keepdims=True)
+        keep = (vals > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
     return cols[keep].reshape(r, k)
 
 
