@@ -80,8 +80,9 @@ values to float rounding: a shard's products may round differently in the last b
 
 ``block_size`` (``offline``, ``rank``): graph rows scored against all ``M`` nodes at once by the
 neighbour stage and densified at once by the joint scores, i.e. ``[block_size, M]`` float32 per
-block (per device on a mesh); default a power of two within 32 MB. ``node_chunk``: nodes per
-call of the XLA per-node solver; ``dense_max``: the component GEMM path's largest component.
+block (per device on a mesh); default a power of two within 16 MB (32 MB above 32,768
+nodes). ``node_chunk``: nodes per call of the XLA per-node solver; ``dense_max``: the component
+GEMM path's largest component.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
 the numeric kernels inside are jitted with static shapes. This module is long (about 1,000
@@ -122,7 +123,6 @@ MODES = ("joint", "online")
 SOLVERS = ("auto", "native", "xla")
 _HIGHEST = lax.Precision.HIGHEST
 _BUDGET = 1 << 22  # elements per array in one chunk (16 MB of float32)
-_ROWS_BUDGET = 1 << 23  # elements of one [rows, M] block by default (32 MB of float32)
 _SAMPLE_BITS = 20  # leading bits of a sampled (lower-bound) neighbour threshold
 
 
@@ -218,11 +218,14 @@ def _pair(queries: ArrayLike, database: ArrayLike) -> tuple[np.ndarray, np.ndarr
 
 
 def _default_rows(m: int, block_size: int | None) -> int:
-    """Rows per block: ``block_size``, or a power of two keeping ``[rows, M]`` within 32 MB
-    (``_ROWS_BUDGET``: at 50,000 nodes 128 rows, whose products run at about 170 GFLOP/s on a
-    2-core CPU against 100-150 for 64, while the block and its mask still fit a 32 MB L3)."""
+    """Rows per block: ``block_size``, or a power of two keeping ``[rows, M]`` within 16 MB, or
+    within 32 MB where 16 MB holds fewer than 128 rows (``M > 32,768``): a product of 64 rows
+    runs at 100-150 GFLOP/s on a 2-core CPU against about 170 for 128 (the neighbour stage at
+    50,000 nodes), while a block and its mask still fit a 32 MB L3. (Smaller ``M`` keep 16 MB:
+    larger blocks there leave more padding in the last block and no faster products.)"""
     if block_size is None:
-        block_size = max(8, 2 ** int(math.log2(max(1, _ROWS_BUDGET // m))))
+        rows = lambda budget: 2 ** int(math.log2(max(1, budget // m)))
+        block_size = max(8, rows(_BUDGET) if rows(_BUDGET) >= 128 else rows(2 * _BUDGET))
     return int(min(m, block_size))
 
 
