@@ -80,8 +80,9 @@ values to float rounding: a shard's products may round differently in the last b
 
 ``block_size`` (``offline``, ``rank``): graph rows scored against all ``M`` nodes at once by the
 neighbour stage and densified at once by the joint scores, i.e. ``[block_size, M]`` float32 per
-block (per device on a mesh); default a power of two within 16 MB. ``node_chunk``: nodes per
-call of the XLA per-node solver; ``dense_max``: the component GEMM path's largest component.
+block (per device on a mesh); default a power of two within 16 MB (32 MB above 32,768
+nodes). ``node_chunk``: nodes per call of the XLA per-node solver; ``dense_max``: the component
+GEMM path's largest component.
 
 ``offline`` and ``rank`` take concrete arrays (host bookkeeping: components, chunking, progress);
 the numeric kernels inside are jitted with static shapes. This module is long (about 1,000
@@ -122,6 +123,7 @@ MODES = ("joint", "online")
 SOLVERS = ("auto", "native", "xla")
 _HIGHEST = lax.Precision.HIGHEST
 _BUDGET = 1 << 22  # elements per array in one chunk (16 MB of float32)
+_SAMPLE_BITS = 20  # leading bits of a sampled (lower-bound) neighbour threshold
 
 
 @functools.partial(
@@ -216,9 +218,14 @@ def _pair(queries: ArrayLike, database: ArrayLike) -> tuple[np.ndarray, np.ndarr
 
 
 def _default_rows(m: int, block_size: int | None) -> int:
-    """Rows per block: ``block_size``, or a power of two keeping ``[rows, M]`` within 16 MB."""
+    """Rows per block: ``block_size``, or a power of two keeping ``[rows, M]`` within 16 MB, or
+    within 32 MB where 16 MB holds fewer than 128 rows (``M > 32,768``): a product of 64 rows
+    runs at 100-150 GFLOP/s on a 2-core CPU against about 170 for 128 (the neighbour stage at
+    50,000 nodes), while a block and its mask still fit a 32 MB L3. (Smaller ``M`` keep 16 MB:
+    larger blocks there leave more padding in the last block and no faster products.)"""
     if block_size is None:
-        block_size = max(8, 2 ** int(math.log2(max(1, _BUDGET // m))))
+        rows = lambda budget: 2 ** int(math.log2(max(1, budget // m)))
+        block_size = max(8, rows(_BUDGET) if rows(_BUDGET) >= 128 else rows(2 * _BUDGET))
     return int(min(m, block_size))
 
 
@@ -258,16 +265,20 @@ def _sample_plan(m: int, truncation: int) -> tuple[int, int]:
 
 
 def _threshold_rows(q, x, gid, *, rank: int, stride: int):
-    """Similarities of a row block against all ``M`` nodes ``x`` (own column ``+inf``) and each
-    row's candidates ``ge`` (similarity >= the sample threshold) with their count.
+    """Similarities ``s`` of a row block against all ``M`` nodes ``x`` and each row's
+    candidates ``ge``: similarity >= the sample threshold, and the node's own column, which
+    ranks first (as ``+inf``, ``_own_first``) but keeps its product in ``s`` (no scatter: one
+    pass over the block fewer). The candidate count is left to the caller (the host counts
+    the mask it reads anyway).
 
     The threshold is the ``rank``-th largest similarity among every ``stride``-th column, found
     by an exact bisection on the float order; with ``stride == 1`` it is the exact ``rank``-th
     largest of the row, otherwise a lower bound whose candidate set holds the top ``T`` with
-    high probability (a row short of candidates takes its whole row).
+    high probability (a row short of candidates takes its whole row). A lower bound needs only
+    the leading ``_SAMPLE_BITS`` bits of the bisection (sign, exponent, 11 mantissa bits): the
+    rest would tighten it by a relative 5e-4, a handful of candidates, at 12 more passes.
     """
     s = jnp.matmul(q, x.T, precision=_HIGHEST)
-    s = s.at[jnp.arange(q.shape[0]), gid].set(jnp.inf, mode="drop")
     sample = _sortable(s[:, ::stride])
 
     def bit(b, tau):  # largest tau with #(sample >= tau) >= rank, found bit by bit
@@ -275,22 +286,31 @@ def _threshold_rows(q, x, gid, *, rank: int, stride: int):
         ok = jnp.sum(sample >= cand[:, None], axis=1, dtype=jnp.int32) >= rank
         return jnp.where(ok, cand, tau)
 
-    tau = lax.fori_loop(0, 32, bit, jnp.zeros(q.shape[0], jnp.uint32))
-    ge = _sortable(s) >= tau[:, None]
-    return s, ge, jnp.sum(ge, axis=1, dtype=jnp.int32)
+    bits = 32 if stride == 1 else _SAMPLE_BITS
+    tau = lax.fori_loop(0, bits, bit, jnp.zeros(q.shape[0], jnp.uint32))
+    own = lax.broadcasted_iota(jnp.int32, s.shape, 1) == gid[:, None]
+    return s, (_sortable(s) >= tau[:, None]) | own
 
 
-def _select_rows(s, ge, count, truncation: int) -> jax.Array:
-    """The ``T`` columns of largest ``s`` among each row's candidates (ties: lower column
-    first), sorted by column: int32 ``[R, T]``. (The device form of ``_top_sets``.)"""
-    keep = ge | (count < truncation)[:, None]
-    idx = lax.top_k(jnp.where(keep, s, -jnp.inf), truncation)[1]
+def _own_first(s, idx, gid):
+    """``s`` with each row's own column (``idx == gid``; padding rows have none) as ``+inf``."""
+    return jnp.where(idx == gid[:, None], jnp.inf, s)
+
+
+def _select_rows(s, ge, gid, truncation: int) -> jax.Array:
+    """The ``T`` columns of largest ``s`` among each row's candidates (own column first, ties:
+    lower column first), sorted by column: int32 ``[R, T]``. (The device form of
+    ``_top_sets``.)"""
+    keep = ge | (jnp.sum(ge, axis=1, dtype=jnp.int32) < truncation)[:, None]
+    cols = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    idx = lax.top_k(jnp.where(keep, _own_first(s, cols, gid), -jnp.inf), truncation)[1]
     return jnp.sort(idx, axis=1).astype(jnp.int32)
 
 
-def _kd_rows(s, idx, kd: int):
-    """The ``kd`` largest of each row's truncation set: ``(sims, positions in idx)``."""
-    return lax.top_k(jnp.take_along_axis(s, idx, axis=1), kd)
+def _kd_rows(s, idx, gid, kd: int):
+    """The ``kd`` largest of each row's truncation set (own column first): ``(sims, positions
+    in idx)``."""
+    return lax.top_k(_own_first(jnp.take_along_axis(s, idx, axis=1), idx, gid), kd)
 
 
 def _node_first(idx, k_sims, k_pos):
@@ -312,7 +332,13 @@ _node_first_block = jax.jit(_node_first)
 
 def _top_sets(s: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     """Per row, the ``k`` columns of largest ``s`` among its ``candidates`` (ties: lower
-    column first), sorted by column: ``[R, k]``. Every row needs at least ``k`` candidates.
+    column first), sorted by column: ``[R, k]``. Every row needs at least ``k`` candidates."""
+    return _top_of_flat(s, np.flatnonzero(candidates), k)
+
+
+def _top_of_flat(s: np.ndarray, flat: np.ndarray, k: int, own: np.ndarray | None = None):
+    """``_top_sets`` from the flat indices of the candidates (row-major); ``own`` (one column
+    per row, or none) ranks first, as ``+inf``.
 
     Vectorised over the rows: the candidates are packed into a padded ``[R, width]`` array, the
     ``k``-th largest value found by ``np.partition``, and the values above it (then the first
@@ -320,19 +346,23 @@ def _top_sets(s: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     ``np.nonzero`` on a 2-D mask are several times slower.)
     """
     r, n = s.shape
-    flat = np.flatnonzero(candidates)  # row-major: by row, then by column
     rows = flat // n
     count = np.bincount(rows, minlength=r)
     width = int(count.max())
     slot = rows * width + (np.arange(len(flat)) - (np.cumsum(count) - count)[rows])
+    col = (flat - rows * n).astype(np.int32)
     vals = np.full(r * width, -np.inf, np.float32)
-    cols = np.zeros(r * width, np.int64)
-    vals[slot], cols[slot] = s.reshape(-1)[flat], flat - rows * n
+    cols = np.zeros(r * width, np.int32)
+    vals[slot], cols[slot] = s.reshape(-1)[flat], col
+    if own is not None:
+        vals[slot[col == own[rows]]] = np.inf
     vals, cols = vals.reshape(r, width), cols.reshape(r, width)
-    kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1 : k]
-    equal = vals == kth
-    need = k - np.sum(vals > kth, axis=1, keepdims=True)
-    keep = (vals > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
+    kth = np.partition(vals, width - k, axis=1)[:, width - k : width - k + 1]  # k-th largest
+    keep = vals >= kth
+    if np.any(np.count_nonzero(keep, axis=1) != k):  # ties at the k-th: the first ones
+        equal = vals == kth
+        need = k - np.sum(vals > kth, axis=1, keepdims=True)
+        keep = (vals > kth) | (equal & (np.cumsum(equal, axis=1) <= need))
     return cols[keep].reshape(r, k)
 
 
@@ -341,32 +371,53 @@ def _neighbours_local(x: np.ndarray, truncation: int, kd: int, rows: int):
 
     The candidates are read on the host (``np.flatnonzero`` on the mask, exact top ``T`` by
     ``_top_sets`` only for rows with ties or extra candidates): on CPU several times faster
-    than ``lax.top_k`` with ``k = T``, which the mesh kernel uses instead.
+    than ``lax.top_k`` with ``k = T``, which the mesh kernel uses instead. Software-pipelined:
+    the next block's product is dispatched before this block's host pick, and a block's
+    results are read one block later, so the device never waits for the host.
     """
     m = x.shape[0]
     stride, rank = _sample_plan(m, truncation)
     xd = jnp.asarray(x)
     out = [np.empty((m, truncation), np.int32), np.empty((m, kd), np.int32)]
     out.append(np.empty((m, kd), np.float32))
+
+    def threshold(start):  # dispatched, not waited for
+        stop = min(start + rows, m)
+        gid = jnp.arange(start, start + rows, dtype=jnp.int32)
+        q = jnp.asarray(np.pad(x[start:stop], ((0, start + rows - stop), (0, 0))))
+        return *_threshold_block(q, xd, gid, rank=rank, stride=stride), gid
+
+    def store(start, got):
+        stop = min(start + rows, m)
+        for o, g in zip(out, got, strict=True):
+            o[start:stop] = np.asarray(g)[: stop - start]
+
     count_rows = lambda s: min(rows, m - s)
+    pending, done = threshold(0), None
     for start in progress.track(
         range(0, m, rows), total=m, desc="diffusion neighbours", unit="nodes", count=count_rows
     ):
         stop = min(start + rows, m)
-        gid = jnp.arange(start, start + rows, dtype=jnp.int32)
-        q = jnp.asarray(np.pad(x[start:stop], ((0, start + rows - stop), (0, 0))))
-        s, ge, count = _threshold_block(q, xd, gid, rank=rank, stride=stride)
+        s, ge, gid = pending
+        if stop < m:
+            pending = threshold(stop)
         # (slicing the host views, not the device arrays: a device slice copies the block)
-        ge_h, count = np.asarray(ge)[: stop - start], np.asarray(count)[: stop - start]
-        if np.all(count == truncation):  # the common exact case: no ties, no margin
-            idx = (np.flatnonzero(ge_h) % m).reshape(stop - start, truncation).astype(np.int32)
+        ge_h = np.asarray(ge)[: stop - start]
+        flat = np.flatnonzero(ge_h)  # row-major: by row, then by column
+        count = np.diff(np.searchsorted(flat, np.arange(stop - start + 1) * m))
+        if np.all(count == truncation):  # no ties, no margin (the exact threshold's usual case)
+            idx = (flat % m).reshape(stop - start, truncation).astype(np.int32)
         else:
-            ge_h = ge_h | (count < truncation)[:, None]
-            idx = _top_sets(np.asarray(s)[: stop - start], ge_h, truncation).astype(np.int32)
+            if np.any(count < truncation):  # short of candidates: the whole row
+                flat = np.flatnonzero(ge_h | (count < truncation)[:, None])
+            own = np.arange(start, stop)
+            idx = _top_of_flat(np.asarray(s)[: stop - start], flat, truncation, own)
+            idx = idx.astype(np.int32)
         idx = jnp.asarray(np.pad(idx, ((0, start + rows - stop), (0, 0))))
-        got = _node_first_block(idx, *_kd_block(s, idx, kd=kd))
-        for o, g in zip(out, got, strict=True):
-            o[start:stop] = np.asarray(g)[: stop - start]
+        if done is not None:
+            store(*done)
+        done = start, _node_first_block(idx, *_kd_block(s, idx, gid, kd=kd))
+    store(*done)
     return tuple(out)
 
 
@@ -382,9 +433,9 @@ def _neighbours_mesh(x, *, mesh, m: int, truncation: int, kd: int, rows: int):
         gid = lax.axis_index(axis) * x_loc.shape[0] + jnp.arange(x_loc.shape[0], dtype=jnp.int32)
 
         def block(q, g):
-            s, ge, count = _threshold_rows(q, x_all, g, rank=rank, stride=stride)
-            idx = _select_rows(s, ge, count, truncation)
-            return _node_first(idx, *_kd_rows(s, idx, kd))
+            s, ge = _threshold_rows(q, x_all, g, rank=rank, stride=stride)
+            idx = _select_rows(s, ge, g, truncation)
+            return _node_first(idx, *_kd_rows(s, idx, g, kd))
 
         return _map_rows(block, (x_loc, gid), rows)
 
