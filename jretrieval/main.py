@@ -28,7 +28,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jretrieval import errors, experiment, files, progress, report
+from jretrieval import errors, progress, report
 from jretrieval import mesh as mesh_lib
 
 #: the repository this package lives in (a source checkout or an editable install).
@@ -57,13 +57,8 @@ def run(config: Any) -> Any:
     The tables reach stdout before any file is written, so a read-only output folder loses
     nothing that was computed.
     """
-    results = experiment.run(config)
-    if mesh_lib.is_main_process():  # every process computed the same; one reports
-        sys.stdout.write(report.summary(results) + "\n")
-        sys.stdout.flush()
-        out = report.output_dir(config)
-        with files.writer_lock(os.path.join(out, "results"), what="results"):  # one run at a time
-            report.write(results, out)
+    results = report.run(config, echo=sys.stdout)
+    if mesh_lib.is_main_process():
         sys.stdout.write(f"results: {report.output_dir(config)}\n")
     return results
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from absl import logging
 
-from jretrieval import experiment, pictures, results_files, tables
+from jretrieval import experiment, files, pictures, results_files, tables
 from jretrieval import mesh as mesh_lib
 from jretrieval.results import Results, as_results
 
@@ -90,13 +90,23 @@ def write(
     return paths
 
 
-def run(config: Any) -> Results:
+def run(config: Any, *, echo: TextIO | None = None) -> Results:
     """Runs the experiment of ``config`` and writes its report (process 0 only).
+
+    Args:
+      config: the experiment config.
+      echo: a stream for the console tables (``python -m jretrieval.main``: stdout), written
+        before any file, so that a folder that cannot be written loses nothing computed.
 
     Returns:
       The ``Results`` (also written under ``output_dir(config)``).
     """
     results = experiment.run(config)
     if mesh_lib.is_main_process():  # every process computed the same; one writes
-        write(results, output_dir(config))
+        out = output_dir(config)
+        if echo is not None:
+            echo.write(summary(results) + "\n")
+            echo.flush()
+        with files.writer_lock(os.path.join(out, "results"), what="results"):  # one run at a time
+            write(results, out)
     return results

@@ -15,7 +15,6 @@ pickled ``__dict__``. That is what dirtorch's AP-GeM checkpoints need; anything 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import types
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_CHUNK = 1 << 20
+from jretrieval.models import io
 
 #: (module, name) -> object admitted by the restricted unpickler.
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -90,12 +89,8 @@ restricted_pickle = types.SimpleNamespace(
 
 
 def sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file (``jretrieval.models.io.file_sha256``)."""
+    return io.file_sha256(path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> Any:
