@@ -47,6 +47,7 @@ per-part markers (the hand-written notes around them are kept).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -58,6 +59,7 @@ import time
 import zlib
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -84,7 +86,10 @@ class Variant:
 
     ``conv_dot``: convolutions as im2col + dot (``models.convdot``); ``fold``: BatchNorm folded
     into the convs (``models.fold``); ``options``: XLA CPU compiler options; ``per_image``: the
-    batch runs as ``lax.map`` over single images inside the one jitted call.
+    batch runs as ``lax.map`` over single images inside the one jitted call; ``float_moves``:
+    bfloat16 im2col moves the values (``float_route_conv_dot``, as before ``conv_dot`` moved
+    bit patterns); ``kernels_in_step``: the executable takes float32 kernels and casts them on
+    every call (as before ``Encoder.step_variables``).
     """
 
     name: str
@@ -93,6 +98,8 @@ class Variant:
     fold: bool
     options: dict[str, Any]
     per_image: bool = False
+    float_moves: bool = False
+    kernels_in_step: bool = False
 
 
 #: what ``--parts=main`` times for jretrieval: the winners of ``--parts=variants``.
@@ -101,18 +108,24 @@ JRETRIEVAL = (
     Variant("lax convs, BN folded, Eigen", "float32", False, True, EIGEN),
     Variant("im2col + dot, BN folded, YNNPACK dots", "bfloat16", True, True, YNN_DOTS),
 )
-#: the candidates ``--parts=variants`` compares (same interleaved rounds, PyTorch beside).
+#: the candidates ``--parts=variants`` compares (same interleaved rounds, PyTorch beside): the
+#: bfloat16 step before and after moving im2col's bit patterns and casting kernels once. The
+#: candidates tried and dropped earlier (oneDNN dots, per-image im2col, float32 im2col, BN not
+#: folded) are recorded in ``docs/bench_extract.md``.
 VARIANTS = (
-    Variant("lax convs, Eigen (before issue 12)", "float32", False, False, EIGEN),
-    JRETRIEVAL[0],
-    Variant("im2col + dot, BN folded, YNNPACK dots", "float32", True, True, YNN_DOTS),
-    Variant("lax convs, Eigen (before issue 12)", "bfloat16", False, False, EIGEN),
-    JRETRIEVAL[2],
-    Variant("im2col + dot, BN not folded, YNNPACK dots", "bfloat16", True, False, YNN_DOTS),
-    Variant("im2col + dot, BN folded, oneDNN dots", "bfloat16", True, True, {**EIGEN, ONEDNN: DOT}),
-    Variant(
-        "im2col + dot, BN folded, YNNPACK dots, per image", "bfloat16", True, True, YNN_DOTS, True
+    JRETRIEVAL[1],
+    dataclasses.replace(
+        JRETRIEVAL[2],
+        name="im2col + dot, BN folded, YNNPACK dots, values moved, kernels cast per call",
+        float_moves=True,
+        kernels_in_step=True,
     ),
+    dataclasses.replace(
+        JRETRIEVAL[2],
+        name="im2col + dot, BN folded, YNNPACK dots, kernels cast per call",
+        kernels_in_step=True,
+    ),
+    JRETRIEVAL[2],
 )
 
 
@@ -151,6 +164,7 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
     The variables are arguments of the executable (not constants XLA could fold)."""
     import jax
 
+    from jretrieval.models import convdot
     from jretrieval.models.fold import fold_batch_norm
     from jretrieval.steps import Pooling, make_step
 
@@ -165,8 +179,30 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
             return jax.lax.map(lambda image: step(image[None])[0], images)
         return step(images)
 
-    compiled = jax.jit(describe).lower(encoder.variables, x).compile(variant.options)
-    return lambda images: jax.block_until_ready(compiled(encoder.variables, images))
+    # float32 kernels are cast inside the executable (make_step casts traced variables)
+    variables = encoder.variables if variant.kernels_in_step else encoder.step_variables()
+    with contextlib.ExitStack() as stack:
+        if variant.float_moves:
+            stack.enter_context(mock.patch.object(convdot, "conv_dot", float_route_conv_dot))
+        compiled = jax.jit(describe).lower(variables, x).compile(variant.options)
+    return lambda images: jax.block_until_ready(compiled(variables, images))
+
+
+def float_route_conv_dot(lhs: Any, rhs: Any, window_strides: Any, padding: Any, **kw: Any) -> Any:
+    """``conv_dot`` as it was before it moved bit patterns: pad, views and concatenate on the
+    bfloat16 values (XLA's CPU backend converts each to float32 and back), then the same dot."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jretrieval.models import convdot
+
+    kh, kw_, cin, cout = rhs.shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw_), window_strides, padding)
+    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    patches = convdot.im2col(x, (kh, kw_), tuple(window_strides))
+    y = jnp.dot(patches, rhs.reshape(-1, cout), preferred_element_type=jnp.float32)
+    return y.astype(lhs.dtype)
 
 
 def torch_step(
@@ -573,6 +609,77 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: XLA op kinds of the bfloat16 step, by the prefix of their HLO names, for ``profile``.
+OP_KINDS = (
+    ("ynn_fusion", "dots: YNNPACK's bfloat16 GEMM, float32 accumulation"),
+    ("concatenate", "im2col: the views side by side"),
+    ("pad_slice", "im2col: padding and the views"),
+    ("bitcast-convert", "im2col: bit patterns read as bfloat16"),
+    ("maximum_convert", "epilogues: bias, ReLU, rounding to bfloat16"),
+    ("reduce-window", "max pool"),
+)
+
+
+def profile_ops(batch: int, size: int, rounds: int = 2) -> list[dict]:
+    """Where the bfloat16 step's time goes: XLA op time per image by kind (``jax.profiler``
+    trace of ``rounds`` calls, ops named by their HLO op), beside PyTorch's whole bfloat16
+    channels_last forward (median of ``rounds + 1`` calls, same batch) in the same process.
+    Ops of one call may overlap on the 2 cores, so kinds can sum to more than the wall time."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    from bench import harness
+
+    x = images(batch, size)
+    step = jretrieval_step(JRETRIEVAL[2], x)
+    torch_fwd = torch_step("bfloat16", "channels_last", batch, size, cores())
+    for fn in (step, step, torch_fwd, torch_fwd):  # compile, oneDNN primitives
+        fn(x)
+    torch_ms = statistics.median(harness.call_ms(lambda: torch_fwd(x))[0] for _ in range(3))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        start = time.perf_counter()
+        for _ in range(rounds):
+            step(x)
+        wall_ms = (time.perf_counter() - start) * 1e3 / rounds
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+            per_op[re.sub(r"[.\d]+$", "", e["args"]["hlo_op"])] += e["dur"] / 1e3
+    scale = 1.0 / (rounds * batch)
+    rows = [{"op": op, "what": op_kind(op), "ms": ms * scale} for op, ms in per_op.most_common()]
+    rows.append({"op": "", "what": "jretrieval bfloat16 step, wall", "ms": wall_ms / batch})
+    rows.append({"op": "", "what": "PyTorch bfloat16 forward, wall", "ms": torch_ms / batch})
+    return [{**row, "batch": batch} for row in rows]
+
+
+def op_kind(op: str) -> str:
+    """What an XLA op of the bfloat16 step does (``OP_KINDS``), or ``""``."""
+    return next((what for prefix, what in OP_KINDS if prefix in op), "")
+
+
+def profile_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | XLA op (HLO name) | what it is | ms per image |",
+        "| ---: | --- | --- | ---: |",
+    ]
+    for r in rows:
+        if r["ms"] >= 0.5 or not r["op"]:
+            lines.append(
+                f"| {r['batch']} | {r['op'] or '**wall**'} | {r['what']} | {r['ms']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Adds ``ratio_fp32`` (images/s over the fastest PyTorch float32 row, any layout or thread
     count) and ``ratio_bf16`` (over PyTorch bfloat16 channels_last) at the same batch size."""
@@ -650,17 +757,17 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="main",
-        help="comma-separated: main (the comparison), variants (the candidates), layers "
-        "(bfloat16 error per layer), demo (mAP), accuracy (bfloat16 vs float32 through the runner)",
+        help="comma-separated: main (the comparison), variants (the candidates), profile (the "
+        "bfloat16 step's XLA ops), layers (bfloat16 error per layer), demo (mAP), accuracy "
+        "(bfloat16 vs float32 through the runner)",
     )
     parser.add_argument("--demo-workdir", default="runs/bench_extract")
     parser.add_argument("--out", default=DOC, help="results file (markdown); '' to skip")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
-    if not parts <= {"main", "variants", "layers", "demo", "accuracy"}:
-        raise ValueError(
-            f"--parts={args.parts!r}; expected a subset of main,variants,layers,demo,accuracy"
-        )
+    known = ("main", "variants", "profile", "layers", "demo", "accuracy")
+    if not parts <= set(known):
+        raise ValueError(f"--parts={args.parts!r}; expected a subset of {','.join(known)}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     import torch
 
@@ -677,6 +784,11 @@ def main() -> None:
         rows = measure(batch_sizes, args.size, args.repeats, VARIANTS)
         sections.append(("variants", rows, load_before, os.getloadavg()))
         print(table(rows))
+    if "profile" in parts:
+        load_before = os.getloadavg()
+        rows = [row for batch in batch_sizes for row in profile_ops(batch, args.size)]
+        sections.append(("profile", rows, load_before, os.getloadavg()))
+        print(profile_table(rows))
     if "layers" in parts:
         load_before = os.getloadavg()
         rows = layer_errors(args.demo_workdir)
@@ -703,6 +815,7 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
     titles = {
         "main": ("jretrieval vs PyTorch", table),
         "variants": ("jretrieval variants (layout, BN folding, XLA CPU options)", table),
+        "profile": ("the bfloat16 step's XLA ops beside PyTorch's forward", profile_table),
         "layers": ("bfloat16 vs float32 per layer, three encoders", layers_table),
         "demo": ("mAP (%) on the demo set, float32 vs bfloat16", demo_table),
         "accuracy": (
@@ -719,6 +832,8 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
                 + (
                     f" --batch-sizes={args.batch_sizes} --size={args.size} --repeats={args.repeats}"
                     if name in ("main", "variants")
+                    else f" --batch-sizes={args.batch_sizes} --size={args.size}"
+                    if name == "profile"
                     else ""
                 )
                 + "`, "

