@@ -20,11 +20,13 @@ other processes hits all alike:
 
 - ``jretrieval``: ResNet-50 (random weights; same architecture and FLOPs as a trained one)
   compiled as each ``JRETRIEVAL`` variant says: float32 with lax convolutions, bfloat16 with
-  convolutions as im2col + dot (``Encoder.with_dtype("bfloat16")``'s CPU default: parameters
-  float32, convs in bfloat16, R-MAC in float32), both with BN folded into the convs
-  (``models.fold_batch_norm``, as after recalibration) and the XLA CPU options given there
-  (passed explicitly, whatever ``jretrieval``'s defaults are); one jitted call per batch, the
-  variables passed as arguments; XLA uses all cores.
+  ``conv_dot`` convolutions (``Encoder.with_dtype("bfloat16")``'s CPU default: the native
+  AVX512-BF16 kernel ``native.conv_bf16`` with bias, shortcut and ReLU fused, where it builds;
+  kernels cast to bfloat16 once, ``Encoder.step_variables``; R-MAC in float32), both with BN
+  folded into the convs (``models.fold_batch_norm``, as after recalibration) and the XLA CPU
+  options given there (passed explicitly, whatever ``jretrieval``'s defaults are); one jitted
+  call per batch, the variables passed as arguments; XLA (and the kernel, on XLA's intra-op
+  pool) uses all cores.
 - ``pytorch``: ``references.torch_resnet.torch_resnet(50)`` (torchvision layout), ``eval()``,
   ``torch.inference_mode()``, ``torch.set_num_threads(<cores>)``: float32 contiguous NCHW and
   ``channels_last``, bfloat16 ``channels_last`` (module and input cast with ``.to``), float32
@@ -34,8 +36,9 @@ other processes hits all alike:
 Each figure is the batch size over the median (and, "best", the minimum) of ``--repeats``
 rounds; the first two calls of each configuration (compilation, oneDNN primitive creation) are
 excluded; the 1-min load average is given per row and before/after each part.
-``--parts=variants`` times the candidates (``VARIANTS``: layouts, BN folding, XLA options) the
-same way, PyTorch beside; ``--parts=layers`` measures bfloat16's descriptor cosine and relative
+``--parts=variants`` times the candidates (``VARIANTS``: the bfloat16 step before and after
+each change) the same way, PyTorch beside; ``--parts=profile`` splits the bfloat16 step's time
+by XLA op (``profile_ops``); ``--parts=layers`` measures bfloat16's descriptor cosine and relative
 error per layer against float32 for ResNet-50, SimCLR 2x width and AMDIM, BN statistics as
 initialised and recalibrated on demo images (``layer_errors``); ``--parts=demo`` measures mAP on
 the offline demo set (``demo_accuracy``); ``--parts=accuracy`` runs that demo through the
@@ -86,10 +89,12 @@ class Variant:
 
     ``conv_dot``: convolutions as im2col + dot (``models.convdot``); ``fold``: BatchNorm folded
     into the convs (``models.fold``); ``options``: XLA CPU compiler options; ``per_image``: the
-    batch runs as ``lax.map`` over single images inside the one jitted call; ``float_moves``:
-    bfloat16 im2col moves the values (``float_route_conv_dot``, as before ``conv_dot`` moved
-    bit patterns); ``kernels_in_step``: the executable takes float32 kernels and casts them on
-    every call (as before ``Encoder.step_variables``).
+    batch runs as ``lax.map`` over single images inside the one jitted call; ``native``:
+    bfloat16 convolutions run ``native.conv_bf16`` where it builds (else im2col + dot in XLA);
+    ``float_moves``: bfloat16 im2col moves the values (``float_route_conv_dot``, as before
+    ``conv_dot`` moved bit patterns); ``kernels_in_step``: the executable takes float32 kernels
+    and casts them on every call (as before ``Encoder.step_variables``); ``nn_max_pool``: the
+    stem's max pool is ``nn.max_pool`` (as before ``resnet.stem_max_pool``).
     """
 
     name: str
@@ -98,32 +103,44 @@ class Variant:
     fold: bool
     options: dict[str, Any]
     per_image: bool = False
+    native: bool = True
     float_moves: bool = False
     kernels_in_step: bool = False
+    nn_max_pool: bool = False
 
 
 #: what ``--parts=main`` times for jretrieval: the winners of ``--parts=variants``.
 JRETRIEVAL = (
     Variant("lax convs, BN folded, YNNPACK dots", "float32", False, True, YNN_DOTS),
     Variant("lax convs, BN folded, Eigen", "float32", False, True, EIGEN),
-    Variant("im2col + dot, BN folded, YNNPACK dots", "bfloat16", True, True, YNN_DOTS),
+    Variant(
+        "native conv (AVX512-BF16), BN folded, epilogue fused", "bfloat16", True, True, YNN_DOTS
+    ),
 )
 #: the candidates ``--parts=variants`` compares (same interleaved rounds, PyTorch beside): the
-#: bfloat16 step before and after moving im2col's bit patterns and casting kernels once. The
+#: bfloat16 step as issue 12 left it, after its XLA-side fixes, and with the native kernel. The
 #: candidates tried and dropped earlier (oneDNN dots, per-image im2col, float32 im2col, BN not
 #: folded) are recorded in ``docs/bench_extract.md``.
 VARIANTS = (
     JRETRIEVAL[1],
-    dataclasses.replace(
-        JRETRIEVAL[2],
-        name="im2col + dot, BN folded, YNNPACK dots, values moved, kernels cast per call",
+    Variant(
+        "im2col + YNNPACK dots, values moved, kernels cast per call, nn.max_pool (before)",
+        "bfloat16",
+        True,
+        True,
+        YNN_DOTS,
+        native=False,
         float_moves=True,
         kernels_in_step=True,
+        nn_max_pool=True,
     ),
-    dataclasses.replace(
-        JRETRIEVAL[2],
-        name="im2col + dot, BN folded, YNNPACK dots, kernels cast per call",
-        kernels_in_step=True,
+    Variant(
+        "im2col + YNNPACK dots, bit patterns moved, kernels cast once",
+        "bfloat16",
+        True,
+        True,
+        YNN_DOTS,
+        native=False,
     ),
     JRETRIEVAL[2],
 )
@@ -162,9 +179,10 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
     """The extraction step (``jretrieval.extract.make_step``: ``uint8 [B,H,W,3] -> [B,2048]``,
     R-MAC L=3) of a random ResNet-50 built and compiled as ``variant`` says, for ``x``'s shape.
     The variables are arguments of the executable (not constants XLA could fold)."""
+    import flax.linen as nn
     import jax
 
-    from jretrieval.models import convdot
+    from jretrieval.models import convdot, resnet
     from jretrieval.models.fold import fold_batch_norm
     from jretrieval.steps import Pooling, make_step
 
@@ -182,8 +200,14 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
     # float32 kernels are cast inside the executable (make_step casts traced variables)
     variables = encoder.variables if variant.kernels_in_step else encoder.step_variables()
     with contextlib.ExitStack() as stack:
+        if not variant.native:
+            stack.enter_context(mock.patch.object(convdot, "uses_native", lambda *a, **k: False))
         if variant.float_moves:
             stack.enter_context(mock.patch.object(convdot, "conv_dot", float_route_conv_dot))
+        if variant.nn_max_pool:
+            pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2))
+            pool = functools.partial(pool, padding=((1, 1), (1, 1)))
+            stack.enter_context(mock.patch.object(resnet, "stem_max_pool", pool))
         compiled = jax.jit(describe).lower(variables, x).compile(variant.options)
     return lambda images: jax.block_until_ready(compiled(variables, images))
 
@@ -611,12 +635,16 @@ def accuracy_table(rows: list[dict]) -> str:
 
 #: XLA op kinds of the bfloat16 step, by the prefix of their HLO names, for ``profile``.
 OP_KINDS = (
-    ("ynn_fusion", "dots: YNNPACK's bfloat16 GEMM, float32 accumulation"),
+    ("ffi_call", "native convolutions: conv_bf16 with bias, shortcut, ReLU"),
+    ("ynn_fusion", "dots: YNNPACK's bfloat16 GEMM (im2col path)"),
     ("concatenate", "im2col: the views side by side"),
     ("pad_slice", "im2col: padding and the views"),
+    ("and_pad", "stem max pool: sign bits cleared, padded"),
+    ("maximum_bitcast", "stem max pool: rows, then columns"),
     ("bitcast-convert", "im2col: bit patterns read as bfloat16"),
     ("maximum_convert", "epilogues: bias, ReLU, rounding to bfloat16"),
-    ("reduce-window", "max pool"),
+    ("reduce-window", "max pool (nn.max_pool)"),
+    ("pad_convert", "input: normalise, round to bfloat16"),
 )
 
 

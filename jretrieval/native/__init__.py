@@ -268,7 +268,7 @@ def conv_bf16(
         residual = jnp.zeros((0,), jnp.bfloat16)  # the kernel reads an empty residual as none
     elif residual.shape != out.shape:
         raise ValueError(f"conv_bf16: residual {list(residual.shape)}; expected {list(out.shape)}")
-    call = jax.ffi.ffi_call(KERNELS["conv_bf16"].target, out)
+    call = jax.ffi.ffi_call(KERNELS["conv_bf16"].target, out, vmap_method="sequential")
     return call(
         x,
         w,
