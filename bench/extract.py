@@ -199,6 +199,7 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
 
     # float32 kernels are cast inside the executable (make_step casts traced variables)
     variables = encoder.variables if variant.kernels_in_step else encoder.step_variables()
+    jax.clear_caches()  # the step's inner jit would reuse another variant's trace
     with contextlib.ExitStack() as stack:
         if not variant.native:
             stack.enter_context(mock.patch.object(convdot, "uses_native", lambda *a, **k: False))

@@ -44,6 +44,11 @@ def encoder() -> Encoder:
     return Encoder(module, dict(variables), {"name": "tiny"}, {"mean": MEAN, "std": STD}, {})
 
 
+def bf16_batch() -> np.ndarray:
+    """Four ``uint8 [20, 16, 3]`` images for the bfloat16 step."""
+    return np.random.default_rng(5).integers(0, 256, (4, 20, 16, 3), dtype=np.uint8)
+
+
 def make_images(folder: str, n: int = 13) -> list[str]:
     """``n`` random PNGs of three sizes (two shape buckets under ``POLICY``); image 5 corrupt."""
     os.makedirs(folder, exist_ok=True)
@@ -201,6 +206,9 @@ def run_sharded(folder: str) -> None:
     rec = recalibration.recalibrate_images(enc, paths, mesh=mesh, mode="pytorch", **RECAL_KW)
     out.update({f"pytorch/{k}": v for k, v in _stats(rec).items()})
     out["recal_extract"] = ex.extract(rec, paths, mesh=mesh, **EXTRACT_KW)[0]
+    # bfloat16 convdot convolutions (the native kernel, an XLA custom call, where it builds)
+    step16 = steps.make_step(enc.with_dtype("bfloat16", conv_dot=True), "mac", mesh=mesh)
+    out["bf16_step"] = np.asarray(step16(bf16_batch()))
     np.savez(os.path.join(folder, "sharded.npz"), **out)
 
 

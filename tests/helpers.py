@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from configs import common
+from jretrieval.models import convdot
 
 DIFF = {"truncation": 24, "kd": 6, "kq": 4, "gamma": 3.0, "alpha": 0.99, "mode": "joint"}
 N_INSTANCES, N_VIEWS, N_DISTRACTORS = 5, 4, 6
@@ -31,6 +32,7 @@ class TinyNet(nn.Module):
     features: int = 32
     bn_momentum: float = 0.9
     dtype: Any = jnp.float32  # compute dtype (Encoder.with_dtype); variables stay float32
+    conv_dot: bool = False  # convolutions by jretrieval.models.convdot (Encoder.with_dtype)
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -43,6 +45,7 @@ class TinyNet(nn.Module):
                 padding=((1, 1), (1, 1)),
                 use_bias=False,
                 dtype=self.dtype,
+                conv_general_dilated=convdot.conv_dot if self.conv_dot else None,
                 name=f"conv{i + 1}",
             )
             x = conv(x.astype(self.dtype))

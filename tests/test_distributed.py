@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from jretrieval import diffusion, expansion, recalibration, search
+from jretrieval import diffusion, expansion, recalibration, search, steps
 from jretrieval import extract as ex
 from tests import device_worker as worker
 
@@ -210,6 +210,10 @@ def test_data_parallel_extraction_and_recalibration(run):
         )
     ref_rec = ex.extract(rec, paths, **worker.EXTRACT_KW)[0]  # rec: the pytorch-mode encoder
     np.testing.assert_allclose(out["recal_extract"], ref_rec, rtol=1e-5, atol=1e-6)
+    # bfloat16 convdot convolutions (native.conv_bf16 where it builds: each output pixel's sum
+    # runs in one fixed order, whatever the batch or its sharding) equal one device
+    step16 = steps.make_step(enc.with_dtype("bfloat16", conv_dot=True), "mac")
+    np.testing.assert_allclose(out["bf16_step"], step16(worker.bf16_batch()), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- one device

@@ -28,7 +28,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def default_conv_dot(dtype: str) -> bool:
-    """Whether ``with_dtype(dtype)`` computes convolutions as im2col + dot by default: for
+    """Whether ``with_dtype(dtype)`` computes convolutions with ``convdot`` by default: for
     bfloat16 on a CPU backend, where XLA's convolutions miss the bfloat16 dot units
     (``docs/bench_extract.md``); float32 and other backends keep ``lax`` convolutions."""
     return dtype == "bfloat16" and jax.default_backend() == "cpu"
@@ -106,9 +106,10 @@ class Encoder:
 
         Args:
           dtype: "float32" or "bfloat16".
-          conv_dot: compute convolutions as im2col + dot (``convdot``), the only way XLA's CPU
-            backend reaches the bfloat16 matrix units; ``None`` picks it for bfloat16 on a CPU
-            backend (``default_conv_dot``). Ignored (must be falsy) for modules without the field.
+          conv_dot: compute convolutions with ``convdot`` (the native AVX512-BF16 kernel where it
+            builds, else im2col + dot: XLA's CPU convolutions never reach the bfloat16 matrix
+            units); ``None`` picks it for bfloat16 on a CPU backend (``default_conv_dot``).
+            Ignored (must be falsy) for modules without the field.
         """
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype={dtype!r}; expected one of {list(COMPUTE_DTYPES)}")

@@ -6,7 +6,8 @@ normalised; every stride-2 op maps ``h -> ceil(h / 2)``, so a 724 px input gives
 
 The numerics follow PyTorch exactly: explicit symmetric padding (never ``'SAME'``, which XLA pads
 asymmetrically for stride 2 on even sizes), the stride on the 3x3 conv of each bottleneck,
-BatchNorm epsilon 1e-5, max-pool padded with -inf. Submodule names mirror the torch keys
+BatchNorm epsilon 1e-5, max-pool padded with -inf (``stem_max_pool``: the same result, computed on
+bit patterns). Submodule names mirror the torch keys
 (``conv1``, ``bn1``, ``layer3_5/conv2``, ``layer1_0/downsample_conv``) so that conversion is a
 regex on the key. ``width`` scales the stem and every stage (SimCLR 2x/4x), unlike torchvision's
 ``wide_resnet50_2``.
