@@ -135,7 +135,7 @@ VARIANTS = (
         nn_max_pool=True,
     ),
     Variant(
-        "im2col + YNNPACK dots, bit patterns moved, kernels cast once",
+        "im2col + YNNPACK dots, bit patterns moved, kernels cast once, stem pool on bits",
         "bfloat16",
         True,
         True,
@@ -843,7 +843,7 @@ def render(env: dict, sections: list[tuple], args: argparse.Namespace) -> dict[s
     loads = lambda v: " / ".join(f"{x:.2f}" for x in v)
     titles = {
         "main": ("jretrieval vs PyTorch", table),
-        "variants": ("jretrieval variants (layout, BN folding, XLA CPU options)", table),
+        "variants": ("the bfloat16 step before and after each change (`VARIANTS`)", table),
         "profile": ("the bfloat16 step's XLA ops beside PyTorch's forward", profile_table),
         "layers": ("bfloat16 vs float32 per layer, three encoders", layers_table),
         "demo": ("mAP (%) on the demo set, float32 vs bfloat16", demo_table),
