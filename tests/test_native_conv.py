@@ -52,6 +52,8 @@ def ref_conv(x, w, strides, padding, bias=None, residual=None, relu=False) -> np
 
 CASES = [  # (batch, H, W, C, kernel, stride, padding, N)
     (1, 21, 21, 3, 7, 2, ((3, 3), (3, 3)), 64),  # ResNet stem: odd C, 7x7
+    (1, 22, 23, 3, 7, 2, ((3, 3), (3, 3)), 16),  # odd rows of values ending at the image's edge
+    (2, 9, 8, 5, 3, 1, ((1, 1), (1, 1)), 32),
     (2, 9, 11, 32, 3, 1, ((1, 1), (1, 1)), 48),  # 3x3, N not a multiple of 64
     (3, 10, 10, 16, 3, 2, ((1, 1), (1, 1)), 80),  # strided, even size, rows % 6 != 0
     (1, 8, 8, 64, 1, 2, ((0, 0), (0, 0)), 528),  # downsample: 1x1 stride 2, 8 x 64 + 16

@@ -230,8 +230,7 @@ def conv_bf16(
     ``RuntimeError`` (``require``) if the kernel cannot be built or this processor cannot run it.
 
     Args:
-      x: bfloat16 ``[B, H, W, C]``; an odd ``C`` gets a zero channel (and the kernel a zero
-        row), which changes no sum.
+      x: bfloat16 ``[B, H, W, C]``.
       w: bfloat16 ``[kh, kw, C, N]`` (HWIO), ``N`` a multiple of 16.
       strides: ``(sh, sw)``.
       padding: ``((top, bottom), (left, right))`` zeros around ``x``, none negative.
@@ -257,9 +256,10 @@ def conv_bf16(
         raise ValueError(
             f"conv_bf16: N={n} (a multiple of 16 expected), padding {padding}, output {ho}x{wo}"
         )
-    if c % 2:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
-        w = jnp.pad(w, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    # the kernel reads each kernel row's kw * c values as pairs: an odd count gets a zero row
+    rows = w.reshape(kh, kw * c, n)
+    if (kw * c) % 2:
+        rows = jnp.pad(rows, ((0, 0), (0, 1), (0, 0)))
     out = jax.ShapeDtypeStruct((b, ho, wo, n), jnp.bfloat16)
     bias = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
     if bias.shape != (n,):
@@ -271,9 +271,10 @@ def conv_bf16(
     call = jax.ffi.ffi_call(KERNELS["conv_bf16"].target, out, vmap_method="sequential")
     return call(
         x,
-        w,
+        rows,
         bias,
         residual.astype(jnp.bfloat16),
+        kw=np.int64(kw),
         sh=np.int64(strides[0]),
         sw=np.int64(strides[1]),
         pt=np.int64(top),

@@ -35,7 +35,10 @@ struct Geometry {
   const float* bias;        // [n], added to the sums
   const uint16_t* residual;  // [b, ho, wo, n] bfloat16 added after the bias, or null
   bool relu;                // max(0, .) last
-  int64_t span() const { return kw * c; }  // one kernel row: kw pixels of c channels, contiguous
+  // One kernel row: kw pixels of c channels, contiguous in x, read as pairs; an odd count gets
+  // one more value, multiplied by a zero row of the kernel.
+  int64_t values() const { return kw * c; }
+  int64_t span() const { return values() + values() % 2; }
 };
 
 // Rows [m, m + MR) x channels [n0, n0 + 16 NV): accumulate over every kernel row i and the
@@ -95,11 +98,13 @@ inline void Spans(const Geometry& g, const uint16_t* x, const uint16_t* zeros, i
         continue;
       }
       const uint16_t* line = x + (b * g.h + hi) * g.w * g.c;
-      if (w0 >= 0 && w0 + g.kw <= g.w) {
+      // in place when the window row lies in the image (with the value after it, if odd)
+      if (w0 >= 0 && w0 + g.kw + (span - g.values()) <= g.w) {
         p = line + w0 * g.c;
         continue;
       }
       uint16_t* e = edge + (i * kMr + r) * span;
+      e[span - 1] = 0;
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t wi = w0 + j;
         if (wi >= 0 && wi < g.w) {
@@ -199,23 +204,24 @@ struct Job {
 
 ffi::Error ConvBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::BF16> residual,
-                        ffi::ResultBuffer<ffi::BF16> out, int64_t sh, int64_t sw, int64_t pt,
-                        int64_t pl, int64_t relu, int64_t threads) {
+                        ffi::ResultBuffer<ffi::BF16> out, int64_t kw, int64_t sh, int64_t sw,
+                        int64_t pt, int64_t pl, int64_t relu, int64_t threads) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || od.size() != 4 || wd[2] != xd[3] || od[0] != xd[0] ||
-      od[3] != wd[3] || xd[3] % 2 || wd[3] % 16 || sh < 1 || sw < 1 || pt < 0 || pl < 0 ||
-      bias.element_count() != wd[3] ||
+  const int64_t span = xd.size() == 4 ? kw * xd[3] + (kw * xd[3]) % 2 : -1;
+  if (xd.size() != 4 || wd.size() != 3 || od.size() != 4 || wd[1] != span || od[0] != xd[0] ||
+      od[3] != wd[2] || wd[2] % 16 || kw < 1 || sh < 1 || sw < 1 || pt < 0 || pl < 0 ||
+      bias.element_count() != wd[2] ||
       (residual.element_count() != 0 && residual.element_count() != out->element_count())) {
     return ffi::Error::InvalidArgument(
-        "conv_bf16: expected x [B, H, W, C] (C even), w [kh, kw, C, N] (N a multiple of 16), "
-        "bias [N], residual [B, Ho, Wo, N] or empty, out [B, Ho, Wo, N], strides >= 1, "
+        "conv_bf16: expected x [B, H, W, C], w [kh, kw * C (+1 if odd), N] (N a multiple of "
+        "16), bias [N], residual [B, Ho, Wo, N] or empty, out [B, Ho, Wo, N], strides >= 1, "
         "pads >= 0");
   }
   auto job = std::make_shared<Job>();
   const uint16_t* res = residual.element_count() == 0
                             ? nullptr
                             : reinterpret_cast<const uint16_t*>(residual.typed_data());
-  job->g = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], od[1], od[2],
+  job->g = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], kw, wd[2], od[1], od[2],
                     sh,    sw,    pt,    pl,    bias.typed_data(), res, relu != 0};
   const Geometry& g = job->g;
   job->x = reinterpret_cast<const uint16_t*>(x.typed_data());
@@ -247,6 +253,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ConvBf16, ConvBf16Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
