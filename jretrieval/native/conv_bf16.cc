@@ -3,11 +3,13 @@
 // residual, ReLU), rounded once to bfloat16.
 //
 // out[b, ho, wo, n] = act(bias[n] + sum_{i, j, c} x[b, ho*sh + i - pt, wo*sw + j - pl, c] *
-// w[i, j, c, n] + residual[b, ho, wo, n]) (x zero outside the image; act: ReLU or identity). Rows m = (b, ho, wo) are taken MR at a time; for each block of 16*NV output
-// channels the MR x 16*NV accumulators stay in registers over the whole reduction (taps, then
-// channel pairs): one 32-bit broadcast of two input channels per row and NV loads of the packed
-// kernel feed MR*NV vdpbf16ps. The kernel is repacked per call as [K/2][N][2] (pairs of
-// reduction rows interleaved), the layout vdpbf16ps multiplies against a broadcast pair.
+// w[i, j, c, n] + residual[b, ho, wo, n]) (x zero outside the image; act: ReLU or identity).
+// Output pixels m = (b, ho, wo) are taken kMr at a time; for each block of 16*NV output channels
+// the kMr x 16*NV accumulators stay in registers over the whole reduction (kernel rows i, then
+// the pairs of each row's kw*c contiguous values): one 32-bit broadcast of two input values per
+// pixel and NV loads of the packed kernel feed kMr*NV vdpbf16ps. The kernel is repacked per call
+// as [K/2][N][2] (pairs of reduction rows interleaved), the layout vdpbf16ps multiplies against a
+// broadcast pair; the packing and the pixels are shared out on XLA's intra-op thread pool.
 
 #include <immintrin.h>
 
@@ -36,7 +38,8 @@ struct Geometry {
   const uint16_t* residual;  // [b, ho, wo, n] bfloat16 added after the bias, or null
   bool relu;                // max(0, .) last
   // One kernel row: kw pixels of c channels, contiguous in x, read as pairs; an odd count gets
-  // one more value, multiplied by a zero row of the kernel.
+  // one more value (the next pixel's, or a zero at the image's edge), multiplied by a zero row
+  // of the kernel: exact for finite activations.
   int64_t values() const { return kw * c; }
   int64_t span() const { return values() + values() % 2; }
 };
