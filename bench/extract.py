@@ -75,7 +75,6 @@ DOC = "docs/bench_extract.md"
 #: else) to YNNPACK, whose GEMMs use the AVX512-BF16 instructions: with convolutions written as
 #: im2col + dot (``conv_dot``) that is what reaches the bfloat16 units (``YNN_DOTS``).
 YNN = "xla_cpu_experimental_ynn_fusion_type"
-ONEDNN = "xla_cpu_experimental_onednn_fusion_type"
 DOT = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 EIGEN: dict[str, Any] = {YNN: ""}
 YNN_DOTS: dict[str, Any] = {YNN: DOT}
@@ -88,8 +87,7 @@ class Variant:
     """One way of compiling jretrieval's extraction step (ResNet-50 + R-MAC).
 
     ``conv_dot``: convolutions as im2col + dot (``models.convdot``); ``fold``: BatchNorm folded
-    into the convs (``models.fold``); ``options``: XLA CPU compiler options; ``per_image``: the
-    batch runs as ``lax.map`` over single images inside the one jitted call; ``native``:
+    into the convs (``models.fold``); ``options``: XLA CPU compiler options; ``native``:
     bfloat16 convolutions run ``native.conv_bf16`` where it builds (else im2col + dot in XLA);
     ``float_moves``: bfloat16 im2col moves the values (``float_route_conv_dot``, as before
     ``conv_dot`` moved bit patterns); ``kernels_in_step``: the executable takes float32 kernels
@@ -102,7 +100,6 @@ class Variant:
     conv_dot: bool
     fold: bool
     options: dict[str, Any]
-    per_image: bool = False
     native: bool = True
     float_moves: bool = False
     kernels_in_step: bool = False
@@ -193,8 +190,6 @@ def jretrieval_step(variant: Variant, x: np.ndarray) -> Callable[[np.ndarray], A
 
     def describe(variables: Any, images: Any) -> Any:
         step = make_step(encoder.replace(variables=variables), Pooling.of("rmac", {"levels": 3}))
-        if variant.per_image:
-            return jax.lax.map(lambda image: step(image[None])[0], images)
         return step(images)
 
     # float32 kernels are cast inside the executable (make_step casts traced variables)

@@ -101,6 +101,8 @@ def test_kernel_refuses_what_it_does_not_compute():
     w = jnp.zeros((3, 3, 4, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="expected bfloat16"):
         native.conv_bf16(x.astype(jnp.float32), w, (1, 1), pads)
+    with pytest.raises(ValueError, match="expected bfloat16 \\[B, H, W, C\\]"):
+        native.conv_bf16(x[0], w, (1, 1), pads)  # no batch axis
     with pytest.raises(ValueError, match="bias \\[3\\]; expected \\[16\\]"):
         native.conv_bf16(x, w, (1, 1), pads, bias=jnp.zeros(3))
     with pytest.raises(ValueError, match="residual \\[1, 8, 8, 8\\]; expected"):

@@ -243,15 +243,21 @@ def conv_bf16(
       bfloat16 ``[B, Ho, Wo, N]``, ``Ho = (H + top + bottom - kh) // sh + 1`` (``Wo`` alike).
     """
     require("conv_bf16")
-    (top, bottom), (left, right) = padding
-    kh, kw, c, n = w.shape
-    b, h, wd, _ = x.shape
-    ho, wo = (h + top + bottom - kh) // strides[0] + 1, (wd + left + right - kw) // strides[1] + 1
-    if x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16 or x.ndim != 4 or x.shape[3] != c:
+    if (
+        x.dtype != jnp.bfloat16
+        or w.dtype != jnp.bfloat16
+        or x.ndim != 4
+        or w.ndim != 4
+        or x.shape[3] != w.shape[2]
+    ):
         raise ValueError(
             f"conv_bf16: x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}; "
             "expected bfloat16 [B, H, W, C] and [kh, kw, C, N]"
         )
+    (top, bottom), (left, right) = padding
+    kh, kw, c, n = w.shape
+    b, h, wd, _ = x.shape
+    ho, wo = (h + top + bottom - kh) // strides[0] + 1, (wd + left + right - kw) // strides[1] + 1
     if n % 16 or min(top, bottom, left, right) < 0 or ho < 1 or wo < 1:
         raise ValueError(
             f"conv_bf16: N={n} (a multiple of 16 expected), padding {padding}, output {ho}x{wo}"
